@@ -286,30 +286,24 @@ def format_validation_error(err: ValidationError, origin: str) -> list[str]:
     return lines
 
 
-def load_config(schema: type[RunConfig], path: Path | None, overrides: list[str] = ()) -> RunConfig:
-    """Load `path` (or the schema's defaults when None), apply overrides, validate."""
+def load_config(
+    schema: type[RunConfig], path: Path | None, overrides: list[str] = (), updates: dict[str, Any] | None = None
+) -> RunConfig:
+    """Load `path` (or the schema's defaults when None), apply `--set` overrides, then
+    the dotted-key `updates` of plain flags such as --out or --max-steps, and validate."""
     raw = read_toml(path) if path is not None else {}
     raw = apply_overrides(raw, list(overrides), schema)
-    origin = str(path) if path is not None else "defaults"
-    if overrides:
-        origin += " with --set"
-    try:
-        return schema.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, origin)) from None
-
-
-def validate_update(config: RunConfig, updates: dict[str, Any], origin: str = "command line") -> RunConfig:
-    """Return a copy of `config` with dotted-key updates, validated like a file."""
-    raw = config.model_dump(mode="python")
-    for dotted, value in updates.items():
+    for dotted, value in (updates or {}).items():
         node = raw
         *parents, last = dotted.split(".")
         for part in parents:
-            node = node[part]
+            node = node.setdefault(part, {})
         node[last] = value
+    origin = str(path) if path is not None else "defaults"
+    if overrides or updates:
+        origin += " with command-line overrides"
     try:
-        return type(config).model_validate(raw)
+        return schema.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, origin)) from None
 

@@ -1,0 +1,44 @@
+"""Exponential moving average of model weights (Polyak averaging).
+
+θ_ema ← d·θ_ema + (1 − d)·θ after every update, with the warm-up
+d_k = min(d, (1 + k)/(10 + k)) so that early averages are not dominated by the
+random initialisation. Buffers (e.g. norm statistics) are copied, not averaged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Shadow copy of a model's parameters, updated after each optimizer step."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.shadow = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """θ_ema ← θ_ema + (1 − d)·(θ − θ_ema)."""
+        weight = 1.0 - self.current_decay()
+        shadow = [p for p in self.shadow.parameters()]
+        live = [p.detach().to(s.dtype) for p, s in zip(model.parameters(), shadow)]
+        torch._foreach_lerp_(shadow, live, weight)
+        for b_shadow, b_live in zip(self.shadow.buffers(), model.buffers()):
+            b_shadow.copy_(b_live)
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "updates": self.updates, "shadow": self.shadow.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        self.updates = state["updates"]
+        self.shadow.load_state_dict(state["shadow"])

@@ -1,0 +1,113 @@
+"""Latents as the denoiser sees them: normalised posterior samples, and their cache.
+
+DESIGN.md: latents fed to the denoiser are normalised to zero mean and unit variance
+per channel with statistics measured on posterior samples z = μ + σ·ε of the training
+set (not the means alone). The statistics travel in both exported files.
+
+The latent cache holds the posterior mean μ and standard deviation σ of every training
+image (and of its mirror image when flipping is on), so training draws a fresh
+z = μ + σ·ε each time without running the encoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ldm_cli.data import to_float
+from ldm_cli.models.vae import VAE
+
+
+@dataclass(frozen=True)
+class LatentStats:
+    """Per-channel mean and standard deviation of posterior samples: z_n = (z − mean)/std."""
+
+    mean: torch.Tensor  # (C,)
+    std: torch.Tensor  # (C,)
+
+    def _shaped(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return t.to(like).view(1, -1, *([1] * (like.ndim - 2)))
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self._shaped(self.mean, z)) / self._shaped(self.std, z)
+
+    def denormalize(self, z_n: torch.Tensor) -> torch.Tensor:
+        return z_n * self._shaped(self.std, z_n) + self._shaped(self.mean, z_n)
+
+    def tensors(self, prefix: str = "latent_stats") -> dict[str, torch.Tensor]:
+        return {f"{prefix}.mean": self.mean.float(), f"{prefix}.std": self.std.float()}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], prefix: str = "latent_stats") -> "LatentStats":
+        return cls(mean=tensors[f"{prefix}.mean"].float(), std=tensors[f"{prefix}.std"].float())
+
+
+def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(images), batch_size):
+        yield images[start : start + batch_size]
+
+
+@torch.no_grad()
+def encode_posteriors(
+    vae: VAE, images: torch.Tensor, batch_size: int, device: torch.device | str = "cpu", flip: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior (μ, σ) of every uint8 image, as float32 CPU tensors (N, C, h, w)."""
+    means, stds = [], []
+    vae.eval()
+    for batch in _batches(images, batch_size):
+        x = to_float(batch.to(device))
+        if flip:
+            x = x.flip(-1)
+        posterior = vae.encode(x)
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
+def stats_of_posterior_samples(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator) -> LatentStats:
+    """Per-channel mean and std of z = μ + σ·ε over all examples and positions (float64)."""
+    z = mean.double() + std.double() * torch.randn(mean.shape, generator=generator, dtype=torch.float64)
+    channels = z.transpose(0, 1).flatten(1)
+    return LatentStats(mean=channels.mean(1).float(), std=channels.std(1).clamp_min(1e-6).float())
+
+
+def measure_latent_stats(
+    vae: VAE, images: torch.Tensor, batch_size: int = 64, device: torch.device | str = "cpu", seed: int = 0
+) -> LatentStats:
+    """Encode `images` and measure the statistics of their posterior samples."""
+    mean, std = encode_posteriors(vae, images, batch_size, device)
+    return stats_of_posterior_samples(mean, std, torch.Generator().manual_seed(seed))
+
+
+@dataclass(frozen=True)
+class LatentCache:
+    """Posterior μ and σ of each training example; rows [N, 2N) are the mirrored images."""
+
+    mean: torch.Tensor  # (N or 2N, C, h, w) float32
+    std: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.mean)
+
+    def batch(self, indices: torch.Tensor) -> torch.Tensor:
+        """μ and σ of the chosen examples stacked on a new dim 1: (B, 2, C, h, w)."""
+        return torch.stack((self.mean[indices], self.std[indices]), dim=1)
+
+
+def build_latent_cache(
+    vae: VAE, images: torch.Tensor, batch_size: int, device: torch.device | str, flip: bool
+) -> LatentCache:
+    """Encode the training set once (and its mirror images when flipping is on)."""
+    mean, std = encode_posteriors(vae, images, batch_size, device)
+    if flip:
+        mean_f, std_f = encode_posteriors(vae, images, batch_size, device, flip=True)
+        mean, std = torch.cat((mean, mean_f)), torch.cat((std, std_f))
+    return LatentCache(mean=mean, std=std)
+
+
+def sample_posterior(stats_batch: torch.Tensor) -> torch.Tensor:
+    """z = μ + σ·ε from a cache batch of shape (B, 2, C, h, w)."""
+    mean, std = stats_batch[:, 0], stats_batch[:, 1]
+    return mean + std * torch.randn_like(std)

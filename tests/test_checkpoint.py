@@ -1,0 +1,92 @@
+"""Exported safetensors files: round trip, metadata, and refusing everything else."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from ldm_cli.checkpoint import load_model, save_model
+from ldm_cli.config import VAEModelConfig
+from ldm_cli.errors import CheckpointError
+from ldm_cli.models.vae import VAE
+
+
+def small_vae() -> VAE:
+    return VAE(VAEModelConfig(base_channels=8, channel_mults=[1, 2], downsample_factor=2, latent_channels=2))
+
+
+def test_round_trip_keeps_tensors_and_metadata(tmp_path):
+    vae = small_vae()
+    path = save_model(tmp_path / "m.safetensors", "vae", vae.state_dict(),
+                      {"model": vae.cfg.model_dump(mode="json"), "steps": 12})
+    loaded = load_model(path, "vae")
+    assert loaded.kind == "vae"
+    assert loaded.metadata["steps"] == 12
+    assert VAEModelConfig.model_validate(loaded.metadata["model"]) == vae.cfg
+    for key, value in vae.state_dict().items():
+        assert torch.equal(loaded.tensors[key], value)
+    assert not list(tmp_path.glob(".*tmp*")), "the temporary file must be renamed away"
+
+
+def test_prefixed_parts(tmp_path):
+    path = save_model(tmp_path / "m.safetensors", "denoiser",
+                      {"vae.w": torch.ones(2), "denoiser.w": torch.zeros(3)}, {})
+    loaded = load_model(path, "denoiser")
+    assert list(loaded.part("vae")) == ["w"] and loaded.part("denoiser")["w"].shape == (3,)
+
+
+def test_wrong_kind_is_named(tmp_path):
+    path = save_model(tmp_path / "vae.safetensors", "vae", {"w": torch.ones(1)}, {})
+    with pytest.raises(CheckpointError, match="is a vae checkpoint, expected a denoiser checkpoint"):
+        load_model(path, "denoiser")
+
+
+def test_missing_truncated_random_and_foreign_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_model(tmp_path / "nope.safetensors", "vae")
+    good = save_model(tmp_path / "good.safetensors", "vae", small_vae().state_dict(), {})
+    data = good.read_bytes()
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(truncated, "vae")
+    noise = tmp_path / "noise.safetensors"
+    noise.write_bytes(bytes(range(7, 250)) * 10)
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_model(noise, "vae")
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.ones(1)}, str(foreign))
+    with pytest.raises(CheckpointError, match="not one written by ldm"):
+        load_model(foreign, "vae")
+
+
+class Boom:
+    """Unpickling this would create a file: the test proves it never happens."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickles_are_refused_without_unpickling(tmp_path):
+    marker = tmp_path / "unpickled"
+    plain = tmp_path / "model.pkl"
+    plain.write_bytes(pickle.dumps(Boom(str(marker))))
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_model(plain, "vae")
+    torch_file = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(1), "boom": Boom(str(marker))}, torch_file)
+    with pytest.raises(CheckpointError, match="never unpickles"):
+        load_model(torch_file, "vae")
+    assert not marker.exists()
+
+
+def test_folder_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="is a folder"):
+        load_model(tmp_path, "vae")

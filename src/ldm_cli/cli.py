@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from ldm_cli.config import VAERunConfig, load_config, packaged_config
+from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
 from ldm_cli.errors import LdmError
 from ldm_cli.progress import setup_logging
 
@@ -130,6 +130,115 @@ def reconstruct_command(
     console.print(table)
     for path in (report.grid, report.interpolations, report.prior_samples):
         console.print(f"wrote {path}")
+
+
+@app.command("schedule-plot")
+@reports_errors
+def schedule_plot_command(
+    timesteps: Annotated[int, typer.Option("--timesteps", "-T", min=1, max=100_000, help="Number of diffusion steps T.")] = 10,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for schedules.png, schedules.csv and noised-latents.png.")] = Path("schedules"),
+    schedule: Annotated[Optional[list[str]], typer.Option("--schedule", help="Schedules to compare (repeatable): linear, cosine, sigmoid.")] = None,
+    beta_start: Annotated[float, typer.Option("--beta-start", help="Linear schedule's first β.")] = 1e-4,
+    beta_end: Annotated[float, typer.Option("--beta-end", help="Linear schedule's last β.")] = 0.02,
+    vae: Annotated[Optional[Path], typer.Option("--vae", help="vae.safetensors: also decode a noised latent of --image.")] = None,
+    image: Annotated[Optional[Path], typer.Option("--image", help="Image to encode, noise at every t and decode.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the shared noise ε.")] = 0,
+) -> None:
+    """Compare noise schedules: β_t and ᾱ_t as plot and table, and a latent noised at each t and decoded."""
+    from ldm_cli.schedule_plot import run_schedule_plot
+
+    kinds = schedule or ["linear", "cosine"]
+    report = run_schedule_plot(timesteps, out, kinds, beta_start, beta_end, vae, image, seed)
+    table = Table("t", *[f"{col} {name}" for name in report.schedules for col in ("β_t", "ᾱ_t")])
+    first = next(iter(report.schedules.values()))
+    for t in range(first.timesteps):
+        table.add_row(str(t), *[f"{s.betas[t].item():.5f}" if i % 2 == 0 else f"{s.alphas_cumprod[t].item():.5f}"
+                                for s in report.schedules.values() for i in range(2)])
+    console.print(table)
+    for warning in report.warnings:
+        console.print(f"note: {warning}", markup=False)
+    for path in (report.plot, report.table, report.noised_grid):
+        if path is not None:
+            console.print(f"wrote {path}")
+
+
+@app.command("train-denoiser")
+@reports_errors
+def train_denoiser_command(
+    vae: Annotated[Optional[Path], typer.Option("--vae", help="vae.safetensors whose latents to learn (sets latents.vae).")] = None,
+    config: ConfigOpt = None, set_: SetOpt = None, data: DataOpt = None, out: OutOpt = None,
+    max_steps: StepsOpt = None, seed: SeedOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+) -> None:
+    """Train a ConvNeXt U-Net to predict v on the latents of a trained VAE."""
+    from ldm_cli.train_denoiser import train_denoiser
+    from ldm_cli.training import EXIT_PREEMPTED
+
+    cfg = resolve_config(DenoiserRunConfig, "quickstart/denoiser.toml", config, set_, resume, {
+        "latents.vae": str(vae) if vae else None, "data.source": data,
+        "output.dir": str(out) if out else None, "train.max_steps": max_steps, "train.seed": seed,
+    })
+    result = train_denoiser(cfg, resume=resume, overwrite=overwrite)
+    print_training_result(result, "train-denoiser")
+    if result.preempted:
+        raise typer.Exit(EXIT_PREEMPTED)
+
+
+CheckpointOpt = Annotated[Path, typer.Option("--checkpoint", "--load", help="A denoiser.safetensors file (it bundles its VAE).")]
+ClipOpt = Annotated[Optional[float], typer.Option("--clip-limit", help="Clamp the predicted clean latent to [-c, c] (off by default).")]
+
+
+@app.command("sample")
+@reports_errors
+def sample_command(
+    checkpoint: CheckpointOpt,
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", help="How many images.")] = 25,
+    seed: Annotated[int, typer.Option("--seed", help="Seed: the same seed gives the same images.")] = 42,
+    clip_limit: ClipOpt = None,
+    ddim: Annotated[bool, typer.Option("--ddim", help="Use DDIM (same as --sampler ddim).")] = False,
+    sampler: Annotated[Optional[str], typer.Option("--sampler", help="ddpm (all T steps), ddim, or dpm++2m.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help="Steps for ddim / dpm++2m (default 50); not for ddpm.")] = None,
+    eta: Annotated[float, typer.Option("--eta", help="DDIM η: 0 deterministic, 1 DDPM-like.")] = 0.0,
+    spacing: Annotated[str, typer.Option("--spacing", help="Timestep spacing for fewer steps: trailing, leading, linspace.")] = "trailing",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images sampled at once (memory does not grow with --num-samples).")] = 25,
+    trajectory: Annotated[bool, typer.Option("--trajectory", help="Also draw the reverse process: z_t and ẑ0 at evenly spaced steps.")] = False,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for grid.png, images/ and trajectory.png.")] = Path("samples"),
+) -> None:
+    """Generate images with DDPM (stochastic, every step), DDIM (deterministic, few steps) or DPM-Solver++."""
+    from ldm_cli.generate import run_sample
+
+    if ddim and sampler not in (None, "ddim"):
+        raise typer.BadParameter(f"--ddim contradicts --sampler {sampler}")
+    chosen = "ddim" if ddim else (sampler or "ddpm")
+    report = run_sample(checkpoint, out, num_samples=num_samples, seed=seed, sampler=chosen, steps=steps, eta=eta,
+                        clip_limit=clip_limit, batch_size=batch_size, trajectory=trajectory, spacing=spacing)
+    console.print(f"{len(report.images)} images with {chosen} ({report.timesteps_used} steps) in {report.seconds:.1f} s")
+    console.print(f"wrote {report.grid} and {report.out_dir / 'images'}/")
+    if report.trajectory:
+        console.print(f"wrote {report.trajectory}")
+
+
+@app.command("reimagine")
+@reports_errors
+def reimagine_command(
+    checkpoint: CheckpointOpt,
+    image: Annotated[Path, typer.Option("--image", help="The image to reimagine.")],
+    strength: Annotated[Optional[list[float]], typer.Option("--strength", help="Noise to t = strength·T, in (0, 1] (repeatable).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="DDIM steps for strength 1 (scaled by strength).")] = 50,
+    seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 0,
+    num_seeds: Annotated[int, typer.Option("--num-seeds", help="Seeds seed, seed+1, …: DDPM varies, DDIM stays.")] = 1,
+    clip_limit: ClipOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for reimagine.png and reimagine-trajectory.png.")] = Path("reimagined"),
+) -> None:
+    """Partly noise an image's latent and let DDPM and DDIM reimagine it, side by side."""
+    from ldm_cli.generate import run_reimagine
+
+    strengths = strength or [0.25, 0.5, 0.75, 1.0]
+    report = run_reimagine(checkpoint, image, out, strengths=strengths, steps=steps, seed=seed,
+                           num_seeds=num_seeds, clip_limit=clip_limit)
+    for s in strengths:
+        console.print(f"strength {s}: t = {report.start_timesteps[s]}, DDPM {report.start_timesteps[s] + 1} steps, "
+                      f"DDIM {report.ddim_steps[s]} steps")
+    console.print(f"wrote {report.grid} and {report.trajectory}")
 
 
 def main() -> None:

@@ -156,6 +156,10 @@ class UNetConfig(Section):
         bad = [lvl for lvl in self.attention_levels if not 0 <= lvl < levels]
         if bad:
             raise ValueError(f"attention_levels {bad} outside 0..{levels - 1}")
+        for lvl in self.attention_levels:
+            width = self.base_channels * self.channel_mults[lvl]
+            if width % self.attention_heads:
+                raise ValueError(f"level {lvl} has {width} channels, not divisible by attention_heads {self.attention_heads}")
         return self
 
 

@@ -78,7 +78,7 @@ def noised_latent_grid(
     grid = torch.cat(rows)
     return save_grid(grid, out, ncols=len(steps) + 1, row_labels=list(schedules),
                      col_labels=["z0"] + [f"t={t}" for t in steps],
-                     title="decoded z_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε, same ε for every schedule")
+                     title="decoded z_t = sqrt(abar_t)·z0 + sqrt(1-abar_t)·eps, the same eps for every schedule")
 
 
 def run_schedule_plot(

@@ -70,7 +70,7 @@ def image_grid(
     scale = max(1, math.ceil(min_cell / max(h, w)))
     cell_h, cell_w = h * scale, w * scale
     font = _font(max(10, min(16, cell_h // 6)))
-    left = (max((len(s) for s in row_labels), default=0) * 7 + 8) if row_labels else 0
+    left = int(max((font.getlength(s) for s in row_labels), default=0)) + 10 if row_labels else 0
     top = 18 if col_labels else 0
     head = 22 if title else 0
     width = left + ncols * (cell_w + PAD) + PAD

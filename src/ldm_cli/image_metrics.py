@@ -1,8 +1,10 @@
 """Image quality measures: PSNR, SSIM and MS-SSIM on images in [-1, 1].
 
-SSIM follows Wang et al. 2004 (11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03,
-data range L = 2 for images in [-1, 1]); MS-SSIM follows Wang et al. 2003 with the
-five standard scale weights, truncated to the scales the image size allows.
+SSIM follows Wang et al. 2004 (11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03),
+computed on intensities mapped to [0, 1] (L = 1): its luminance term assumes
+non-negative intensities and would exaggerate small shifts around 0. MS-SSIM follows
+Wang et al. 2003 with the five standard scale weights, truncated to the scales the
+image size allows.
 """
 
 from __future__ import annotations
@@ -31,11 +33,12 @@ def _gaussian_window(size: int, sigma: float, channels: int, like: torch.Tensor)
 
 def _ssim_terms(x: torch.Tensor, y: torch.Tensor, window_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean SSIM map and mean contrast-structure map per image (Wang et al. 2004, eq. 13)."""
+    x, y = (x + 1) / 2, (y + 1) / 2  # [-1, 1] → [0, 1]
     channels = x.shape[1]
     size = min(window_size, x.shape[-1], x.shape[-2])
     size -= (size + 1) % 2  # keep it odd
     window = _gaussian_window(size, 1.5 * size / 11, channels, x)
-    c1, c2 = (0.01 * DATA_RANGE) ** 2, (0.03 * DATA_RANGE) ** 2
+    c1, c2 = 0.01**2, 0.03**2
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(t, window, groups=channels)

@@ -16,3 +16,51 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
     mp.setenv("LDM_CACHE_DIR", str(cache))
     yield cache
     mp.undo()
+
+
+def tiny_vae_overrides(out, steps: int = 20) -> list[str]:
+    """`--set` values for a VAE run of a few seconds: 16×16 faces, 2×8×8 latents."""
+    return [
+        "data.builtin_size=96", "data.resolution=16", "data.holdout_fraction=0.1",
+        "model.base_channels=8", "model.channel_mults=[1,2]", "model.downsample_factor=2",
+        "model.latent_channels=2", "train.batch_size=16", f"train.max_steps={steps}",
+        "optim.warmup_steps=2", "optim.lr=3e-3", "loss.beta_decay_steps=10",
+        "logging.checkpoint_every=10", "logging.preview_every=10", "logging.log_every=5",
+        "train.ema_decay=0.9", f"output.dir='{out}'",
+    ]
+
+
+def tiny_denoiser_overrides(out, vae_path, steps: int = 20) -> list[str]:
+    """`--set` values for a denoiser run of a few seconds on the tiny VAE's latents."""
+    return [
+        "data.builtin_size=96", "data.resolution=16", "data.holdout_fraction=0.1",
+        "model.latent_channels=2", "model.latent_size=8", "model.base_channels=16",
+        "model.channel_mults=[1,2]", "model.blocks_per_level=1", "model.attention_levels=[1]",
+        "diffusion.timesteps=50", "train.batch_size=16", f"train.max_steps={steps}",
+        "optim.warmup_steps=2", "optim.lr=2e-3", "logging.checkpoint_every=10",
+        "logging.preview_every=10", "train.ema_decay=0.9", f"latents.vae='{vae_path}'", f"output.dir='{out}'",
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained_vae(tmp_path_factory: pytest.TempPathFactory, _private_cache):
+    """A tiny VAE trained once per session, for the tests that need one."""
+    from ldm_cli.config import VAERunConfig, load_config
+    from ldm_cli.train_vae import train_vae
+
+    out = tmp_path_factory.mktemp("vae-run")
+    cfg = load_config(VAERunConfig, None, tiny_vae_overrides(out, steps=40))
+    train_vae(cfg)
+    return out / "vae.safetensors"
+
+
+@pytest.fixture(scope="session")
+def trained_denoiser(tmp_path_factory: pytest.TempPathFactory, trained_vae):
+    """A tiny denoiser trained once per session on the tiny VAE's latents."""
+    from ldm_cli.config import DenoiserRunConfig, load_config
+    from ldm_cli.train_denoiser import train_denoiser
+
+    out = tmp_path_factory.mktemp("denoiser-run")
+    cfg = load_config(DenoiserRunConfig, None, tiny_denoiser_overrides(out, trained_vae, steps=30))
+    train_denoiser(cfg)
+    return out / "denoiser.safetensors"

@@ -95,6 +95,14 @@ def load_model(path: str | Path, expected_kind: str) -> LoadedModel:
     return LoadedModel(path=path, kind=kind, tensors=tensors, metadata=metadata)
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with a u64 header length, then the JSON header `{…`."""
+    if len(head) < 9:
+        return False
+    length = int.from_bytes(head[:8], "little")
+    return 0 < length <= size - 8 and head[8:9] == b"{"
+
+
 def _refuse_non_safetensors(path: Path) -> None:
     """Name the common wrong inputs before any parser sees them; never unpickle."""
     if not path.exists():
@@ -102,13 +110,14 @@ def _refuse_non_safetensors(path: Path) -> None:
     if path.is_dir():
         raise CheckpointError(f"checkpoint '{path}': is a folder, expected a .safetensors file")
     with path.open("rb") as f:
-        head = f.read(8)
+        head = f.read(9)
+    if _looks_like_safetensors(head, path.stat().st_size):
+        return
     if head.startswith(_ZIP_PREFIX) or head.startswith(_PICKLE_PREFIXES):
         raise CheckpointError(
             f"checkpoint '{path}': looks like a pickle / torch.save file; ldm only loads safetensors and never unpickles"
         )
-    if len(head) < 8:
-        raise CheckpointError(f"checkpoint '{path}': not a readable safetensors file (only {len(head)} bytes)")
+    raise CheckpointError(f"checkpoint '{path}': not a readable safetensors file (no safetensors header)")
 
 
 def _read_metadata(path: Path) -> dict[str, str]:

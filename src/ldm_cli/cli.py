@@ -16,7 +16,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
-from ldm_cli.errors import LdmError
+from ldm_cli.errors import LdmError, UsageError
+from ldm_cli.rundir import latest_checkpoint
 from ldm_cli.progress import setup_logging
 
 app = typer.Typer(
@@ -59,21 +60,30 @@ StepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (sets train.seed).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in the output directory from its newest checkpoint.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start over in an output directory that already holds a run.")]
+AutoResumeOpt = Annotated[bool, typer.Option("--auto-resume", help="Resume if the output directory holds a checkpoint, else start over (for requeued jobs).")]
 
 
-def resolve_config(schema, default_name: str, config: Path | None, sets: list[str] | None, resume: bool,
-                   updates: dict[str, Any]):
-    """The run config: --config (or, on --resume, the run's own config.toml, or the packaged
-    default), then --set overrides, then the plain flags."""
+def resolve_run(schema, default_name: str, config: Path | None, sets: list[str] | None, updates: dict[str, Any],
+                resume: bool, overwrite: bool, auto_resume: bool):
+    """The run config and how the run starts: (config, resume, overwrite).
+
+    The config is --config (default: the packaged quickstart one) with --set overrides,
+    then the plain flags. On --resume without --config, the run's own config.toml is
+    read instead, so a resumed run trains exactly as it began. --auto-resume resumes when
+    the output directory holds a checkpoint, and starts over otherwise.
+    """
     updates = {k: v for k, v in updates.items() if v is not None}
-    path = config
-    if path is None and resume:
-        out = updates.get("output.dir") or load_config(schema, packaged_config(default_name)).output.dir
-        saved = Path(out) / "config.toml"
-        path = saved if saved.is_file() else None
-    if path is None:
-        path = packaged_config(default_name)
-    return load_config(schema, path, sets or [], updates)
+    cfg = load_config(schema, config or packaged_config(default_name), sets or [], updates)
+    run_dir = Path(cfg.output.dir)
+    if auto_resume:
+        if resume or overwrite:
+            raise UsageError("--auto-resume decides between --resume and --overwrite itself; pass only one of them")
+        resume = latest_checkpoint(run_dir) is not None
+        overwrite = not resume
+    saved = run_dir / "config.toml"
+    if resume and config is None and saved.is_file():
+        cfg = load_config(schema, saved, sets or [], updates)
+    return cfg, resume, overwrite
 
 
 def print_training_result(result, what: str) -> None:
@@ -95,15 +105,16 @@ def print_training_result(result, what: str) -> None:
 def train_vae_command(
     config: ConfigOpt = None, set_: SetOpt = None, data: DataOpt = None, out: OutOpt = None,
     max_steps: StepsOpt = None, seed: SeedOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+    auto_resume: AutoResumeOpt = False,
 ) -> None:
     """Train a β-VAE (β decays over training) that maps images to a small continuous latent space."""
     from ldm_cli.train_vae import train_vae
     from ldm_cli.training import EXIT_PREEMPTED
 
-    cfg = resolve_config(VAERunConfig, "quickstart/vae.toml", config, set_, resume, {
+    cfg, resume, overwrite = resolve_run(VAERunConfig, "quickstart/vae.toml", config, set_, {
         "data.source": data, "output.dir": str(out) if out else None,
         "train.max_steps": max_steps, "train.seed": seed,
-    })
+    }, resume, overwrite, auto_resume)
     result = train_vae(cfg, resume=resume, overwrite=overwrite)
     print_training_result(result, "train-vae")
     if result.preempted:
@@ -168,15 +179,16 @@ def train_denoiser_command(
     vae: Annotated[Optional[Path], typer.Option("--vae", help="vae.safetensors whose latents to learn (sets latents.vae).")] = None,
     config: ConfigOpt = None, set_: SetOpt = None, data: DataOpt = None, out: OutOpt = None,
     max_steps: StepsOpt = None, seed: SeedOpt = None, resume: ResumeOpt = False, overwrite: OverwriteOpt = False,
+    auto_resume: AutoResumeOpt = False,
 ) -> None:
     """Train a ConvNeXt U-Net to predict v on the latents of a trained VAE."""
     from ldm_cli.train_denoiser import train_denoiser
     from ldm_cli.training import EXIT_PREEMPTED
 
-    cfg = resolve_config(DenoiserRunConfig, "quickstart/denoiser.toml", config, set_, resume, {
+    cfg, resume, overwrite = resolve_run(DenoiserRunConfig, "quickstart/denoiser.toml", config, set_, {
         "latents.vae": str(vae) if vae else None, "data.source": data,
         "output.dir": str(out) if out else None, "train.max_steps": max_steps, "train.seed": seed,
-    })
+    }, resume, overwrite, auto_resume)
     result = train_denoiser(cfg, resume=resume, overwrite=overwrite)
     print_training_result(result, "train-denoiser")
     if result.preempted:

@@ -274,8 +274,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str], schema: type[Base
     return raw
 
 
-def format_validation_error(err: ValidationError, origin: str) -> list[str]:
-    """One line per problem: `origin: dotted.key: what was expected (got value)`."""
+def format_validation_error(err: ValidationError, origin: str, overridden: set[str] = frozenset()) -> list[str]:
+    """One line per problem: `origin: dotted.key: what was expected (got value)`, where
+    origin is the file, or "command line" for a key set by --set or a flag."""
     lines = []
     for item in err.errors():
         key = ".".join(str(part) for part in item["loc"]) or "(top level)"
@@ -286,7 +287,8 @@ def format_validation_error(err: ValidationError, origin: str) -> list[str]:
             message = message.removeprefix("Value error, ")
         got = item.get("input")
         shown = "" if item["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{origin}: {key}: {message}{shown}")
+        where = "command line" if key in overridden else origin
+        lines.append(f"{where}: {key}: {message}{shown}")
     return lines
 
 
@@ -303,13 +305,12 @@ def load_config(
         for part in parents:
             node = node.setdefault(part, {})
         node[last] = value
-    origin = str(path) if path is not None else "defaults"
-    if overrides or updates:
-        origin += " with command-line overrides"
+    overridden = {".".join(parse_override(text)[0]) for text in overrides} | set(updates or {})
     try:
         return schema.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, origin)) from None
+        origin = str(path) if path is not None else "defaults"
+        raise ConfigError(format_validation_error(err, origin, overridden)) from None
 
 
 def to_toml(config: BaseModel) -> str:

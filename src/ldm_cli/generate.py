@@ -128,7 +128,8 @@ def run_sample(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     num_steps = T if sampler == "ddpm" else steps
-    recorder = TrajectoryRecorder(bundle.unet, set(frame_indices(num_steps)), min(TRAJECTORY_SAMPLES, num_samples))
+    traced = min(TRAJECTORY_SAMPLES, num_samples, batch_size)  # all from the first batch
+    recorder = TrajectoryRecorder(bundle.unet, set(frame_indices(num_steps)), traced)
     model = recorder if trajectory else bundle.unet
     started = time.perf_counter()
     shown: list[torch.Tensor] = []

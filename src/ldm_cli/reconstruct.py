@@ -88,7 +88,7 @@ def run_reconstruct(vae_path: Path, out: Path, source: str | None = None, num: i
 
     pairs = torch.stack((x, x_hat), dim=1).flatten(0, 1)
     labels = [f"#{i} {p:.1f} dB" for i, p in enumerate(scores_psnr)]
-    grid = save_grid(pairs, out, ncols=2, col_labels=["input", "reconstruction"], row_labels=labels,
+    grid = save_grid(pairs, out, ncols=2, col_labels=["input", "output"], row_labels=labels,
                      title=f"mean PSNR {sum(scores_psnr) / len(scores_psnr):.2f} dB")
     stem = out.with_suffix("")
     pair_images = images if len(images) >= 2 else images.repeat(2, 1, 1, 1)

@@ -1,0 +1,187 @@
+"""The `ldm` command through Typer's test runner: outputs, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from conftest import tiny_denoiser_overrides, tiny_vae_overrides
+from ldm_cli.cli import app
+from ldm_cli.faces import draw_face
+from ldm_cli.schedules import NoiseSchedule
+
+runner = CliRunner()
+
+
+def ldm(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def assert_usage_error(result, *fragments: str) -> None:
+    """Exit code 2, `ldm: error:` lines that say what is wrong, and no traceback."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ldm: error:")]
+    assert errors, result.output
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def sets(values: list[str]) -> list[str]:
+    return [arg for value in values for arg in ("--set", value)]
+
+
+@pytest.fixture(scope="module")
+def face_png(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "face.png"
+    draw_face(3, 48).save(path)
+    return path
+
+
+def test_help_lists_every_command():
+    result = ldm("--help")
+    assert result.exit_code == 0
+    for command in ("train-vae", "reconstruct", "schedule-plot", "train-denoiser", "sample", "reimagine"):
+        assert command in result.output
+
+
+def test_python_dash_m_runs_the_same_app():
+    done = subprocess.run([sys.executable, "-m", "ldm_cli", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "train-denoiser" in done.stdout
+
+
+def test_config_errors_are_one_line_each(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[train]\nmax_stepz = 3\n[optim]\nlr = "fast"\n')
+    result = ldm("train-vae", "--config", bad, "--out", tmp_path / "run")
+    assert_usage_error(result, f"{bad}: train.max_stepz: unknown key", f"{bad}: optim.lr:")
+    assert len(result.stderr.strip().splitlines()) == 2
+    assert not (tmp_path / "run").exists(), "nothing is written for a bad config"
+
+
+def test_bad_overrides_and_missing_config(tmp_path):
+    assert_usage_error(ldm("train-vae", "--set", "train.nope=1"), "--set train.nope: no such key")
+    assert_usage_error(ldm("train-vae", "--max-steps", "0", "--out", tmp_path / "r"), "train.max_steps", "greater than 0")
+    assert_usage_error(ldm("train-vae", "--config", tmp_path / "missing.toml"), "config file not found")
+
+
+def test_missing_data_source_exits_2(tmp_path):
+    result = ldm("train-vae", "--data", tmp_path / "nowhere", "--out", tmp_path / "run",
+                 *sets(tiny_vae_overrides(tmp_path / "run", 2)))
+    assert_usage_error(result, str(tmp_path / "nowhere"))
+
+
+def test_train_vae_then_refuse_to_clobber(tmp_path):
+    out = tmp_path / "run"
+    result = ldm("train-vae", *sets(tiny_vae_overrides(out, 3)))
+    assert result.exit_code == 0, result.output
+    assert "exported" in result.output and (out / "vae.safetensors").is_file()
+    before = (out / "vae.safetensors").read_bytes()
+    assert_usage_error(ldm("train-vae", *sets(tiny_vae_overrides(out, 3))), "already holds a run")
+    assert (out / "vae.safetensors").read_bytes() == before
+
+
+def test_reconstruct_writes_three_pictures_and_scores(trained_vae, tmp_path):
+    out = tmp_path / "recon.png"
+    result = ldm("reconstruct", "--vae", trained_vae, "--num", 4, "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "mean" in result.output and "PSNR" in result.output
+    with Image.open(out) as grid:
+        assert grid.width > grid.height / 4  # 2 columns, 4 rows, labelled
+    for name in ("recon-interpolations.png", "recon-prior.png"):
+        with Image.open(tmp_path / name) as img:
+            img.verify()
+
+
+def test_reconstruct_refuses_wrong_kind_and_garbage(trained_denoiser, tmp_path):
+    assert_usage_error(ldm("reconstruct", "--vae", trained_denoiser, "--out", tmp_path / "x.png"),
+                       "is a denoiser checkpoint, expected a vae checkpoint")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 3)
+    assert_usage_error(ldm("reconstruct", "--vae", junk, "--out", tmp_path / "x.png"), "not a readable safetensors")
+
+
+def test_schedule_plot_table_and_warning(tmp_path):
+    result = ldm("schedule-plot", "--timesteps", 10, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "0.90" in result.output.replace("0.89", "0.90") and "note:" in result.output
+    with open(tmp_path / "schedules.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cosine = NoiseSchedule.create("cosine", 10)
+    assert len(rows) == 10
+    assert float(rows[9]["alpha_bar_cosine"]) == pytest.approx(cosine.alphas_cumprod[9].item(), rel=1e-5)
+    assert float(rows[0]["beta_linear"]) == pytest.approx(1e-4)
+    with Image.open(tmp_path / "schedules.png") as img:
+        img.verify()
+
+
+def test_schedule_plot_noised_latents(trained_vae, face_png, tmp_path):
+    result = ldm("schedule-plot", "--timesteps", 10, "--vae", trained_vae, "--image", face_png, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "noised-latents.png") as grid:
+        assert grid.width > 5 * grid.height / 2  # 11 columns, 2 rows
+    assert_usage_error(ldm("schedule-plot", "--vae", trained_vae, "--out", tmp_path), "--vae and --image go together")
+
+
+def test_denoiser_latent_shape_mismatch_is_refused_before_training(trained_vae, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_denoiser_overrides(out, trained_vae, 2) + ["model.latent_size=4"]
+    result = ldm("train-denoiser", *sets(args))
+    assert_usage_error(result, "(2, 4, 4)", "(2, 8, 8)")
+    assert not out.exists()
+
+
+def test_train_denoiser_needs_a_vae(tmp_path):
+    assert_usage_error(ldm("train-denoiser", "--out", tmp_path / "d"), "--vae")
+
+
+def test_sample_ddim_is_deterministic_and_batch_independent(trained_denoiser, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--checkpoint", trained_denoiser, "--num-samples", 5, "--ddim", "--steps", 8, "--seed", 7]
+    assert ldm("sample", *common, "--batch-size", 5, "--out", a).exit_code == 0
+    result = ldm("sample", *common, "--batch-size", 2, "--trajectory", "--out", b)
+    assert result.exit_code == 0, result.output
+    for i in range(5):
+        name = f"images/{i:06d}.png"
+        assert (a / name).read_bytes() == (b / name).read_bytes()
+    with Image.open(b / "trajectory.png") as img:
+        img.verify()
+    with Image.open(a / "grid.png") as img:
+        img.verify()
+
+
+def test_sample_ddpm_differs_by_seed(trained_denoiser, tmp_path):
+    for seed in (1, 2):
+        result = ldm("sample", "--load", trained_denoiser, "--num-samples", 2, "--seed", seed, "--out", tmp_path / str(seed))
+        assert result.exit_code == 0, result.output
+    assert (tmp_path / "1/images/000000.png").read_bytes() != (tmp_path / "2/images/000000.png").read_bytes()
+
+
+def test_sample_argument_errors(trained_denoiser, trained_vae, tmp_path):
+    base = ["sample", "--checkpoint", trained_denoiser, "--out", tmp_path]
+    assert_usage_error(ldm(*base, "--steps", 10), "ddpm sampler uses every timestep")
+    assert_usage_error(ldm(*base, "--ddim", "--steps", 51), "--steps 51", "T = 50")
+    assert_usage_error(ldm(*base, "--sampler", "euler"), "--sampler 'euler'")
+    assert_usage_error(ldm("sample", "--checkpoint", trained_vae, "--out", tmp_path),
+                       "is a vae checkpoint, expected a denoiser checkpoint")
+
+
+def test_reimagine_grid_and_strength_validation(trained_denoiser, face_png, tmp_path):
+    result = ldm("reimagine", "--checkpoint", trained_denoiser, "--image", face_png, "--steps", 8,
+                 "--num-seeds", 2, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "strength 0.25: t = 11" in result.output  # round(0.25·50) − 1
+    for name in ("reimagine.png", "reimagine-trajectory.png"):
+        with Image.open(tmp_path / name) as img:
+            img.verify()
+    for bad in ("0", "1.5", "-0.2"):
+        assert_usage_error(ldm("reimagine", "--checkpoint", trained_denoiser, "--image", face_png,
+                               "--strength", bad, "--out", tmp_path), f"--strength {float(bad)}")
+    assert_usage_error(ldm("reimagine", "--checkpoint", trained_denoiser, "--image", tmp_path / "nope.png",
+                           "--out", tmp_path), "nope.png")

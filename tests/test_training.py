@@ -1,0 +1,103 @@
+"""The shared training loop through train-vae: loss falls, files, refusal, resume."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from PIL import Image
+
+from conftest import tiny_vae_overrides
+from ldm_cli import rundir
+from ldm_cli.config import VAERunConfig, load_config
+from ldm_cli.errors import ConfigError, UsageError
+from ldm_cli.exports import load_vae
+from ldm_cli.train_vae import train_vae
+from ldm_cli.training import BatchOrder, learning_rate_factor
+
+
+def read_rows(run):
+    with open(run / rundir.METRICS_CSV, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def vae_config(out, steps=20, *extra):
+    return load_config(VAERunConfig, None, tiny_vae_overrides(out, steps) + list(extra))
+
+
+def test_tiny_run_learns_and_writes_its_files(tmp_path):
+    run = tmp_path / "run"
+    result = train_vae(vae_config(run, 60))
+    assert result.final_step == 60 and result.steps_done == 60 and not result.preempted
+    rows = read_rows(run)
+    assert [int(r["step"]) for r in rows] == list(range(1, 61))
+    losses = [float(r["reconstruction"]) for r in rows]
+    assert sum(losses[-10:]) / 10 < 0.85 * sum(losses[:10]) / 10, "reconstruction loss must fall"
+    betas = [float(r["beta"]) for r in rows]
+    assert betas[0] > betas[-1], "β decays over training"
+    for name in ("config.toml", "metrics.png", "previews/step-00000010.png", "previews/step-00000060.png"):
+        with Image.open(run / name) if name.endswith(".png") else open(run / name) as f:
+            assert f is not None
+    assert load_config(VAERunConfig, run / "config.toml") == vae_config(run, 60)
+    bundle = load_vae(run / "vae.safetensors")
+    assert bundle.latent_shape == (2, 8, 8)
+    assert bundle.stats.std.shape == (2,) and (bundle.stats.std > 0).all()
+    kept = [step for step, _ in rundir.complete_checkpoints(run)]
+    assert kept == [50, 60], "keep_checkpoints = 2 prunes older states"
+
+
+def test_existing_run_is_refused_then_overwritten(tmp_path):
+    run = tmp_path / "run"
+    train_vae(vae_config(run, 4))
+    before = (run / "vae.safetensors").read_bytes()
+    with pytest.raises(UsageError, match="already holds a run; pass --resume .* or --overwrite"):
+        train_vae(vae_config(run, 4))
+    assert (run / "vae.safetensors").read_bytes() == before, "a refused run must not touch the old one"
+    train_vae(vae_config(run, 6), overwrite=True)
+    assert len(read_rows(run)) == 6
+
+
+def test_resume_without_checkpoint_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="holds no complete checkpoint"):
+        train_vae(vae_config(tmp_path / "empty", 4), resume=True)
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = tmp_path / "straight"
+    train_vae(vae_config(straight, 20))
+    split = tmp_path / "split"
+    train_vae(vae_config(split, 10))
+    result = train_vae(vae_config(split, 20), resume=True)
+    assert result.steps_done == 10 and result.final_step == 20
+    assert [int(r["step"]) for r in read_rows(split)] == list(range(1, 21))
+    a = torch.load(rundir.latest_checkpoint(straight) / "state.pt", weights_only=True)
+    b = torch.load(rundir.latest_checkpoint(split) / "state.pt", weights_only=True)
+    for key in a["model"]:
+        torch.testing.assert_close(a["model"][key], b["model"][key], rtol=0, atol=1e-6)
+    for key in a["ema"]["shadow"]:
+        torch.testing.assert_close(a["ema"]["shadow"][key], b["ema"]["shadow"][key], rtol=0, atol=1e-6)
+    assert read_rows(straight)[-1]["loss"] == read_rows(split)[-1]["loss"]
+
+
+def test_batch_order_is_a_partition_of_the_global_batch():
+    one = BatchOrder(100, 16, accum=2, world=1, rank=0, seed=3)
+    two = [BatchOrder(100, 16, accum=2, world=2, rank=r, seed=3) for r in range(2)]
+    for step in (0, 5, 6, 7):
+        whole = torch.cat([one.indices(step, m) for m in range(2)])
+        parts = torch.cat([o.indices(step, m) for m in range(2) for o in two])
+        assert sorted(whole.tolist()) == sorted(parts.tolist()) and len(set(whole.tolist())) == 16
+    epoch0 = torch.cat([one.indices(s, m) for s in range(6) for m in range(2)])
+    assert len(set(epoch0.tolist())) == 96, "an epoch visits distinct examples"
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        BatchOrder(10, 16, 1, 1, 0, 0)
+
+
+def test_learning_rate_warmup_and_cosine():
+    from ldm_cli.config import OptimConfig
+
+    cfg = OptimConfig(warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)
+    assert learning_rate_factor(0, cfg, 110) == pytest.approx(0.1)
+    assert learning_rate_factor(9, cfg, 110) == pytest.approx(1.0)
+    assert learning_rate_factor(60, cfg, 110) == pytest.approx(0.55)
+    assert learning_rate_factor(110, cfg, 110) == pytest.approx(0.1)

@@ -183,5 +183,7 @@ def test_reimagine_grid_and_strength_validation(trained_denoiser, face_png, tmp_
     for bad in ("0", "1.5", "-0.2"):
         assert_usage_error(ldm("reimagine", "--checkpoint", trained_denoiser, "--image", face_png,
                                "--strength", bad, "--out", tmp_path), f"--strength {float(bad)}")
+    assert_usage_error(ldm("reimagine", "--checkpoint", trained_denoiser, "--image", face_png, "--out", tmp_path),
+                       "reimagine.png' already exists", "--overwrite")
     assert_usage_error(ldm("reimagine", "--checkpoint", trained_denoiser, "--image", tmp_path / "nope.png",
-                           "--out", tmp_path), "nope.png")
+                           "--out", tmp_path / "other"), "nope.png")

@@ -60,6 +60,7 @@ StepsOpt = Annotated[Optional[int], typer.Option("--max-steps", help="Optimizer 
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed (sets train.seed).")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue the run in the output directory from its newest checkpoint.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Start over in an output directory that already holds a run.")]
+ReplaceOpt = Annotated[bool, typer.Option("--overwrite", help="Replace output files that already exist (refused otherwise).")]
 AutoResumeOpt = Annotated[bool, typer.Option("--auto-resume", help="Resume if the output directory holds a checkpoint, else start over (for requeued jobs).")]
 
 
@@ -129,11 +130,12 @@ def reconstruct_command(
     data: Annotated[Optional[str], typer.Option("--data", help="Images to reconstruct (default: the VAE's held-out split).")] = None,
     num: Annotated[int, typer.Option("--num", "-n", help="How many images.")] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the prior samples.")] = 0,
+    overwrite: ReplaceOpt = False,
 ) -> None:
     """Show inputs beside their reconstructions, with PSNR and SSIM, latent interpolations and prior samples."""
     from ldm_cli.reconstruct import run_reconstruct
 
-    report = run_reconstruct(vae, out, data, num, seed)
+    report = run_reconstruct(vae, out, data, num, seed, overwrite)
     table = Table("image", "PSNR (dB)", "SSIM")
     for i, (p, s) in enumerate(zip(report.psnr, report.ssim)):
         table.add_row(str(i), f"{p:.2f}", f"{s:.4f}")
@@ -154,12 +156,13 @@ def schedule_plot_command(
     vae: Annotated[Optional[Path], typer.Option("--vae", help="vae.safetensors: also decode a noised latent of --image.")] = None,
     image: Annotated[Optional[Path], typer.Option("--image", help="Image to encode, noise at every t and decode.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the shared noise ε.")] = 0,
+    overwrite: ReplaceOpt = False,
 ) -> None:
     """Compare noise schedules: β_t and ᾱ_t as plot and table, and a latent noised at each t and decoded."""
     from ldm_cli.schedule_plot import run_schedule_plot
 
     kinds = schedule or ["linear", "cosine"]
-    report = run_schedule_plot(timesteps, out, kinds, beta_start, beta_end, vae, image, seed)
+    report = run_schedule_plot(timesteps, out, kinds, beta_start, beta_end, vae, image, seed, overwrite)
     table = Table("t", *[f"{col} {name}" for name in report.schedules for col in ("β_t", "ᾱ_t")])
     first = next(iter(report.schedules.values()))
     for t in range(first.timesteps):
@@ -214,6 +217,7 @@ def sample_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images sampled at once (memory does not grow with --num-samples).")] = 25,
     trajectory: Annotated[bool, typer.Option("--trajectory", help="Also draw the reverse process: z_t and ẑ0 at evenly spaced steps.")] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for grid.png, images/ and trajectory.png.")] = Path("samples"),
+    overwrite: ReplaceOpt = False,
 ) -> None:
     """Generate images with DDPM (stochastic, every step), DDIM (deterministic, few steps) or DPM-Solver++."""
     from ldm_cli.generate import run_sample
@@ -222,7 +226,8 @@ def sample_command(
         raise typer.BadParameter(f"--ddim contradicts --sampler {sampler}")
     chosen = "ddim" if ddim else (sampler or "ddpm")
     report = run_sample(checkpoint, out, num_samples=num_samples, seed=seed, sampler=chosen, steps=steps, eta=eta,
-                        clip_limit=clip_limit, batch_size=batch_size, trajectory=trajectory, spacing=spacing)
+                        clip_limit=clip_limit, batch_size=batch_size, trajectory=trajectory, spacing=spacing,
+                        overwrite=overwrite)
     console.print(f"{len(report.images)} images with {chosen} ({report.timesteps_used} steps) in {report.seconds:.1f} s")
     console.print(f"wrote {report.grid} and {report.out_dir / 'images'}/")
     if report.trajectory:
@@ -240,13 +245,14 @@ def reimagine_command(
     num_seeds: Annotated[int, typer.Option("--num-seeds", help="Seeds seed, seed+1, …: DDPM varies, DDIM stays.")] = 1,
     clip_limit: ClipOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for reimagine.png and reimagine-trajectory.png.")] = Path("reimagined"),
+    overwrite: ReplaceOpt = False,
 ) -> None:
     """Partly noise an image's latent and let DDPM and DDIM reimagine it, side by side."""
     from ldm_cli.generate import run_reimagine
 
     strengths = strength or [0.25, 0.5, 0.75, 1.0]
     report = run_reimagine(checkpoint, image, out, strengths=strengths, steps=steps, seed=seed,
-                           num_seeds=num_seeds, clip_limit=clip_limit)
+                           num_seeds=num_seeds, clip_limit=clip_limit, overwrite=overwrite)
     for s in strengths:
         console.print(f"strength {s}: t = {report.start_timesteps[s]}, DDPM {report.start_timesteps[s] + 1} steps, "
                       f"DDIM {report.ddim_steps[s]} steps")

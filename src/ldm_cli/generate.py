@@ -21,6 +21,7 @@ import torch
 from ldm_cli.data import load_image_file, to_float
 from ldm_cli.errors import UsageError
 from ldm_cli.exports import DenoiserBundle, load_denoiser
+from ldm_cli.outputs import claim_outputs
 from ldm_cli.samplers import SAMPLERS, forward_noise, sample, sample_in_batches
 from ldm_cli.viz import save_grid, save_images
 
@@ -112,12 +113,17 @@ def run_sample(
     checkpoint: Path, out_dir: Path, *, num_samples: int = 25, seed: int = 42, sampler: str = "ddpm",
     steps: int | None = None, eta: float = 0.0, clip_limit: float | None = None, batch_size: int = 25,
     trajectory: bool = False, spacing: str = "trailing", device: torch.device | None = None,
+    overwrite: bool = False,
 ) -> SampleReport:
     """Sample `num_samples` images in batches; write a grid, one PNG each, and a trajectory."""
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: must be at least 1")
     if batch_size < 1:
         raise UsageError(f"--batch-size {batch_size}: must be at least 1")
+    claim_outputs([out_dir / "grid.png", out_dir / "images"] + ([out_dir / "trajectory.png"] if trajectory else []),
+                  overwrite)
+    for stale in sorted((out_dir / "images").glob("[0-9]*.png")):  # only reached with --overwrite
+        stale.unlink()
     bundle = load_denoiser(checkpoint)
     T = bundle.schedule.timesteps
     check_sampling_args(sampler, steps, eta, clip_limit, T)
@@ -177,11 +183,14 @@ class ReimagineReport:
 def run_reimagine(
     checkpoint: Path, image: Path, out_dir: Path, *, strengths: list[float] = (0.25, 0.5, 0.75, 1.0),
     steps: int = 50, seed: int = 0, num_seeds: int = 1, clip_limit: float | None = None,
-    device: torch.device | None = None,
+    device: torch.device | None = None, overwrite: bool = False,
 ) -> ReimagineReport:
     """Noise an image's latent to t = strength·T and let DDPM and DDIM bring it back."""
     if num_seeds < 1:
         raise UsageError(f"--num-seeds {num_seeds}: must be at least 1")
+    for strength in strengths:
+        start_timestep(strength, 1)  # validate every strength before any work
+    claim_outputs([out_dir / "reimagine.png", out_dir / "reimagine-trajectory.png"], overwrite)
     bundle = load_denoiser(checkpoint)
     T = bundle.schedule.timesteps
     check_sampling_args("ddim", steps, 0.0, clip_limit, T)

@@ -19,6 +19,7 @@ from ldm_cli.data import load_images, to_float
 from ldm_cli.errors import UsageError
 from ldm_cli.exports import VAEBundle, load_vae
 from ldm_cli.image_metrics import psnr, ssim
+from ldm_cli.outputs import claim_outputs
 from ldm_cli.train_vae import reconstruct_batch
 from ldm_cli.viz import image_grid, save_grid, save_png
 
@@ -73,12 +74,22 @@ def prior_samples(vae_bundle: VAEBundle, count: int, seed: int) -> torch.Tensor:
         return vae.decode(z.to(device)).clamp(-1, 1).cpu()
 
 
-def run_reconstruct(vae_path: Path, out: Path, source: str | None = None, num: int = 5, seed: int = 0) -> ReconstructionReport:
+def output_paths(out: Path) -> tuple[Path, Path, Path]:
+    """The grid, and the interpolation and prior pictures beside it."""
+    stem = out.with_suffix("")
+    return out, Path(f"{stem}-interpolations.png"), Path(f"{stem}-prior.png")
+
+
+def run_reconstruct(
+    vae_path: Path, out: Path, source: str | None = None, num: int = 5, seed: int = 0, overwrite: bool = False
+) -> ReconstructionReport:
     """Write the three pictures for `num` images and return per-image PSNR/SSIM."""
     if num < 1:
         raise UsageError(f"--num must be at least 1 (got {num})")
     if out.suffix.lower() != ".png":
         raise UsageError(f"--out '{out}': expected a .png file name")
+    grid_path, interpolations_path, prior_path = output_paths(out)
+    claim_outputs([grid_path, interpolations_path, prior_path], overwrite)
     bundle = load_vae(vae_path)
     images = evaluation_images(bundle, source, num)
     x = to_float(images)
@@ -88,12 +99,11 @@ def run_reconstruct(vae_path: Path, out: Path, source: str | None = None, num: i
 
     pairs = torch.stack((x, x_hat), dim=1).flatten(0, 1)
     labels = [f"#{i} {p:.1f} dB" for i, p in enumerate(scores_psnr)]
-    grid = save_grid(pairs, out, ncols=2, col_labels=["input", "output"], row_labels=labels,
+    grid = save_grid(pairs, grid_path, ncols=2, col_labels=["input", "output"], row_labels=labels,
                      title=f"mean PSNR {sum(scores_psnr) / len(scores_psnr):.2f} dB")
-    stem = out.with_suffix("")
     pair_images = images if len(images) >= 2 else images.repeat(2, 1, 1, 1)
-    interpolations = save_grid(interpolate(bundle, pair_images), f"{stem}-interpolations.png",
+    interpolations = save_grid(interpolate(bundle, pair_images), interpolations_path,
                                ncols=INTERPOLATION_STEPS, title="latent interpolation between input pairs")
     prior = save_png(image_grid(prior_samples(bundle, 16, seed), 8, title="decoded prior samples z ~ N(0, I)"),
-                     f"{stem}-prior.png")
+                     prior_path)
     return ReconstructionReport(scores_psnr, scores_ssim, grid, interpolations, prior)

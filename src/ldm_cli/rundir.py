@@ -16,12 +16,12 @@ killed during a save leaves the previous checkpoint whole.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
 
 from ldm_cli.errors import UsageError
+from ldm_cli.outputs import check_writable
 
 CONFIG_FILE = "config.toml"
 METRICS_CSV = "metrics.csv"
@@ -53,15 +53,7 @@ def check_start(run_dir: Path, resume: bool, overwrite: bool, export_name: str) 
         raise UsageError(
             f"output '{run_dir}': already holds a run; pass --resume to continue it or --overwrite to start over"
         )
-    _check_writable(run_dir)
-
-
-def _check_writable(run_dir: Path) -> None:
-    parent = run_dir
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise UsageError(f"output '{run_dir}': '{parent}' is not writable")
+    check_writable(run_dir)
 
 
 def clear_run(run_dir: Path, export_name: str) -> None:

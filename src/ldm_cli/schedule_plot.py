@@ -20,6 +20,7 @@ from ldm_cli.checkpoint import atomic_write_path
 from ldm_cli.data import load_image_file, to_float
 from ldm_cli.errors import UsageError
 from ldm_cli.exports import load_vae
+from ldm_cli.outputs import claim_outputs
 from ldm_cli.schedules import NoiseSchedule, linear_schedule_warning
 from ldm_cli.viz import plot_schedules, save_grid
 
@@ -84,12 +85,15 @@ def noised_latent_grid(
 def run_schedule_plot(
     timesteps: int, out_dir: Path, kinds: list[str] = ("linear", "cosine"), beta_start: float = 1e-4,
     beta_end: float = 0.02, vae_path: Path | None = None, image_path: Path | None = None, seed: int = 0,
+    overwrite: bool = False,
 ) -> SchedulePlotReport:
     """Build each schedule for T steps and write the plot, the table and, optionally, the grid."""
     if (vae_path is None) != (image_path is None):
         raise UsageError("--vae and --image go together: the image is encoded with the VAE")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out '{out_dir}': exists and is not a folder")
+    names = ["schedules.png", "schedules.csv"] + (["noised-latents.png"] if vae_path is not None else [])
+    claim_outputs([out_dir / name for name in names], overwrite)
     schedules = {kind: NoiseSchedule.create(kind, timesteps, beta_start, beta_end) for kind in kinds}
     out_dir.mkdir(parents=True, exist_ok=True)
     curves = {name: {"beta": s.betas.tolist(), "alpha_bar": s.alphas_cumprod.tolist()} for name, s in schedules.items()}

@@ -8,12 +8,29 @@ and the step (the data order) or lives in the checkpointed RNG state (flips, noi
 timesteps), so a resumed run continues exactly where it stopped.
 
 Batch size: `train.batch_size` is the GLOBAL batch of one update; each process draws
-batch_size / (world_size × grad_accum_steps) examples per micro-step.
+batch_size / (world_size × grad_accum_steps) examples per micro-step. The logged loss
+is the mean over all processes, so metrics.csv reads the same for any world size.
+
+Several processes (`accelerate launch --multi_gpu`, `torchrun`, SLURM through
+slurm/train.sh) train one model: gradients are averaged by DDP, every process holds
+the same weights, and only the main process logs and writes files. Each checkpoint
+records, per process, its rank, the world size and a SHA-256 digest of its weights
+(`rng-{rank}.pt`); the loop checks at every checkpoint that all digests agree.
+
+Stopping early: SIGTERM or SIGUSR1 (SLURM's warning before the time limit, a
+preemption) lets the current update finish, saves a checkpoint on every process and
+returns `preempted=True` (the CLI exits with EXIT_PREEMPTED). `--resume` continues
+from the newest checkpoint that loads, bit for bit as if never stopped.
+
+Non-finite losses or gradients skip the update (weights, optimizer and EMA untouched)
+and are counted; `logging.max_nonfinite_in_row` of them in a row stop the run with an
+error naming the last good checkpoint. Weights that are not finite are never saved.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
 import math
 import os
@@ -33,7 +50,7 @@ from torch import nn
 from ldm_cli import rundir
 from ldm_cli.config import LoggingConfig, OptimConfig, TrainConfig, to_toml
 from ldm_cli.ema import EMA
-from ldm_cli.errors import ConfigError, LdmError
+from ldm_cli.errors import CheckpointError, ConfigError, LdmError
 from ldm_cli.progress import ProgressReporter, setup_logging
 from ldm_cli.viz import plot_metrics
 
@@ -175,15 +192,69 @@ class StopFlag:
 # --------------------------------------------------------------------------- checkpoints
 
 
+def weights_digest(tensors: dict[str, torch.Tensor] | None) -> str | None:
+    """SHA-256 over a state dict's tensors (name, dtype, shape, raw bytes) in sorted key order.
+
+    Equal digests mean bitwise-equal weights: how the loop checks that every process
+    holds the same model, and how tests compare ranks without loading every tensor twice.
+    """
+    if tensors is None:
+        return None
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = tensors[key]
+        if not isinstance(value, torch.Tensor):
+            continue
+        flat = value.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}|{flat.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def process_record(accelerator: Accelerator, step: int, state: dict) -> dict:
+    """What `rng-{rank}.pt` holds: this process's RNG streams, who it is, and its weights' digest."""
+    ema = state.get("ema")
+    return {
+        **rng_state(),
+        "process_index": accelerator.process_index,
+        "world_size": accelerator.num_processes,
+        "step": step,
+        "model_sha256": weights_digest(state["model"]),
+        "ema_sha256": weights_digest(ema["shadow"]) if ema else None,
+    }
+
+
+def check_ranks_agree(accelerator: Accelerator, record: dict) -> bool:
+    """Gather every process's weight digests; warn (main process) when they differ."""
+    if accelerator.num_processes == 1:
+        return True
+    from accelerate.utils import gather_object
+
+    digests = gather_object([(record["process_index"], record["model_sha256"], record["ema_sha256"])])
+    if len({(model, ema) for _, model, ema in digests}) == 1:
+        return True
+    lines = ", ".join(f"rank {rank}: {model[:12]}" for rank, model, _ in digests)
+    logger.warning(f"step {record['step']}: processes hold different weights ({lines}); "
+                   "distributed training is not in sync")
+    return False
+
+
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, state: dict, keep: int) -> None:
-    """Write every process's RNG state and the main process's training state, atomically."""
+    """Write every process's `rng-{rank}.pt` and the main process's `state.pt`, atomically.
+
+    Every process must call this (it synchronises). The folder is written as
+    `.tmp-step-XXXXXXXX` and renamed into place only once complete, so a save killed
+    midway leaves the previous checkpoints whole and is ignored by `--resume`.
+    """
     final = rundir.checkpoint_dir(run_dir, step)
     tmp = final.with_name(f".tmp-{final.name}")
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    record = process_record(accelerator, step, state)
+    torch.save(record, tmp / f"rng-{accelerator.process_index}.pt")
+    check_ranks_agree(accelerator, record)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         torch.save(state, tmp / rundir.STATE_FILE)
@@ -206,12 +277,68 @@ def restore_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+_STATE_KEYS = ("model", "optimizer", "scheduler", "step", "nonfinite_total")
+
+
 def load_checkpoint(folder: Path, rank: int) -> tuple[dict, dict | None]:
-    """Training state and this process's RNG state (None if saved by a different world size)."""
+    """Training state and this process's record (None when this rank saved none).
+
+    Raises when a file is damaged (truncated, not a checkpoint, missing keys).
+    """
     state = torch.load(folder / rundir.STATE_FILE, map_location="cpu", weights_only=True)
+    missing = [key for key in _STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"state.pt lacks {', '.join(missing)}")
     rng_file = folder / f"rng-{rank}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
     return state, rng
+
+
+def load_newest_checkpoint(run_dir: Path, rank: int) -> tuple[Path, dict, dict | None]:
+    """The newest complete checkpoint that loads; warns about and skips damaged newer ones."""
+    for _, folder in reversed(rundir.complete_checkpoints(run_dir)):
+        try:
+            state, rng = load_checkpoint(folder, rank)
+        except Exception as err:  # noqa: BLE001 — torch.load fails in many ways on a damaged file
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            logger.warning(f"checkpoint {folder} does not load ({reason}); trying the one before it")
+            continue
+        return folder, state, rng
+    raise CheckpointError(f"--resume: no checkpoint under '{run_dir / rundir.CHECKPOINTS}' loads")
+
+
+def restore_process_rng(record: dict | None, accelerator: Accelerator, seed: int, step: int) -> None:
+    """Continue this process's random streams exactly, or reseed when that is impossible.
+
+    Exact when the checkpoint was saved by as many processes as there are now. With a
+    different world size (or no record for this rank) the streams are reseeded from
+    (seed, step, rank): the data order stays exact, flips and noise do not.
+    """
+    saved_world = record.get("world_size", accelerator.num_processes) if record is not None else None
+    if record is not None and saved_world == accelerator.num_processes:
+        restore_rng_state(record)
+        return
+    torch.manual_seed((seed * 1000 + 1 + accelerator.process_index) * 1_000_003 + step)
+    logger.info(f"the checkpoint was saved by {saved_world or 'a different number of'} process(es), this run has "
+                f"{accelerator.num_processes}: random streams are reseeded (data order stays exact)")
+
+
+def all_processes_agree(accelerator: Accelerator, value: int) -> bool:
+    """True when `value` is the same on every process (one small all-gather)."""
+    if accelerator.num_processes == 1:
+        return True
+    values = accelerator.gather(torch.tensor([value], device=accelerator.device))
+    return bool((values == values[0]).all().item())
+
+
+def weights_are_finite(accelerator: Accelerator, model: nn.Module) -> bool:
+    """True when every parameter and buffer is finite on every process."""
+    finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+                 if isinstance(t, torch.Tensor) and t.is_floating_point())
+    if accelerator.num_processes == 1:
+        return finite
+    bad = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    return accelerator.reduce(bad, reduction="sum").item() == 0
 
 
 # --------------------------------------------------------------------------- metrics
@@ -255,6 +382,39 @@ class MetricsLog:
 # --------------------------------------------------------------------------- the loop
 
 
+def resume_state(
+    run_dir: Path, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA | None, seed: int,
+) -> tuple[int, int]:
+    """Load the newest checkpoint that loads into the run's objects; returns (step, nonfinite_total)."""
+    folder, state, record = load_newest_checkpoint(run_dir, accelerator.process_index)
+    step = int(state["step"])
+    if not all_processes_agree(accelerator, step):
+        raise LdmError(f"--resume: the processes found different checkpoints in '{run_dir}' "
+                       "(is the run directory on a file system every node sees?)")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+    except (RuntimeError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"--resume: checkpoint {folder} does not fit this model and config: {first}") from None
+    restore_process_rng(record, accelerator, seed, step)
+    logger.info(f"resuming {run_dir} from step {step} ({folder.name})")
+    return step, int(state["nonfinite_total"])
+
+
+def mean_over_processes(accelerator: Accelerator, loss: float, parts: dict[str, float]) -> tuple[float, dict[str, float]]:
+    """The loss and its logged parts averaged over all processes (one small all-reduce)."""
+    if accelerator.num_processes == 1:
+        return loss, parts
+    values = torch.tensor([loss, *parts.values()], dtype=torch.float64, device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean").tolist()
+    return values[0], dict(zip(parts, values[1:]))
+
+
 def train(
     build_task: Callable[[Accelerator], TrainTask],
     config,
@@ -264,7 +424,19 @@ def train(
     overwrite: bool = False,
     export_name: str,
 ) -> TrainResult:
-    """Train the task's model under `config` (`.train`, `.optim`, `.logging`) in `run_dir`."""
+    """Train the task's model under `config` (`.train`, `.optim`, `.logging`) in `run_dir`.
+
+    A stop signal (SIGTERM, SIGUSR1) is honoured from the moment this is called: even
+    one that arrives while data is loading lets the run save and return preempted.
+    """
+    with StopFlag() as stop:
+        return _train(build_task, config, run_dir, stop, resume=resume, overwrite=overwrite, export_name=export_name)
+
+
+def _train(
+    build_task: Callable[[Accelerator], TrainTask], config, run_dir: Path, stop: StopFlag, *,
+    resume: bool, overwrite: bool, export_name: str,
+) -> TrainResult:
     tcfg: TrainConfig = config.train
     ocfg: OptimConfig = config.optim
     lcfg: LoggingConfig = config.logging
@@ -300,18 +472,10 @@ def train(
 
     # 3. Resume: weights, optimizer, schedule, EMA, counters and RNG streams.
     step, nonfinite_total = 0, 0
+    saved_step: int | None = None  # the step of the newest checkpoint on disk, if known
     if resume:
-        folder = rundir.latest_checkpoint(run_dir)
-        state, rng = load_checkpoint(folder, accelerator.process_index)
-        raw_model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        step, nonfinite_total = int(state["step"]), int(state["nonfinite_total"])
-        if rng is not None:
-            restore_rng_state(rng)
-        logger.info(f"resuming {run_dir} from step {step}")
+        step, nonfinite_total = resume_state(run_dir, accelerator, raw_model, optimizer, scheduler, ema, tcfg.seed)
+        saved_step = step
     metrics = MetricsLog(run_dir / rundir.METRICS_CSV, step if resume else None) if is_main else None
     if step >= tcfg.max_steps:
         logger.info(f"{run_dir} is already at step {step} of {tcfg.max_steps}; nothing to train")
@@ -327,7 +491,14 @@ def train(
         return ema.shadow if ema is not None else raw_model
 
     def checkpoint_and_draw() -> None:
+        nonlocal saved_step
+        if not weights_are_finite(accelerator, raw_model):
+            raise LdmError(
+                f"training stopped: the model's weights are not finite at step {step}; they were not saved; "
+                f"last good checkpoint: {rundir.latest_checkpoint(run_dir) or 'none'} (lower optim.lr)"
+            )
         save_checkpoint(accelerator, run_dir, step, training_state(), lcfg.keep_checkpoints)
+        saved_step = step
         if is_main:
             plot_metrics(run_dir / rundir.METRICS_CSV, run_dir / rundir.METRICS_PNG,
                          task.metric_panels, task.log_scale_panels)
@@ -340,8 +511,16 @@ def train(
     start_step, nonfinite_in_row, preempted = step, 0, False
     started = time.perf_counter()
     model.train()
-    with StopFlag() as stop, ProgressReporter(f"train {task.name}", tcfg.max_steps, step, lcfg.log_every, is_main) as bar:
+    with ProgressReporter(f"train {task.name}", tcfg.max_steps, step, lcfg.log_every, is_main) as bar:
         while step < tcfg.max_steps:
+            # -- on a signal (to any process), save and leave before starting the next update.
+            if stop.agreed(accelerator):
+                if saved_step != step:
+                    checkpoint_and_draw()
+                preempted = True
+                logger.warning(f"stop requested: saved a checkpoint at step {step}; resume with --resume")
+                break
+
             # -- one update: accumulate gradients over micro-steps, then clip and step.
             logs: dict[str, float] = {}
             loss_sum = 0.0
@@ -353,42 +532,39 @@ def train(
                 accelerator.backward(loss / tcfg.grad_accum_steps)
                 loss_sum += loss.item() / tcfg.grad_accum_steps
                 for k, v in parts.items():
-                    logs[k] = logs.get(k, 0.0) + v / tcfg.grad_accum_steps
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm(ocfg))
-            finite = bool(torch.isfinite(torch.as_tensor(grad_norm)).item())
+                    logs[k] = logs.get(k, 0.0) + float(v) / tcfg.grad_accum_steps
+            loss_sum, logs = mean_over_processes(accelerator, loss_sum, logs)
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm(ocfg)))
+            # Both numbers are the same on every process, so every process decides alike.
+            finite = math.isfinite(loss_sum) and math.isfinite(grad_norm)
             if finite:
                 optimizer.step()
-                scheduler.step()
                 if ema is not None:
                     ema.update(raw_model)
                 nonfinite_in_row = 0
-            else:
+            else:  # skip: weights, optimizer moments and EMA stay as they were
                 nonfinite_total += 1
                 nonfinite_in_row += 1
+            scheduler.step()  # the learning rate follows the step count, skipped or not
             optimizer.zero_grad(set_to_none=True)
             step += 1
 
-            if not finite:
-                logger.warning(f"step {step}: non-finite loss or gradient; update skipped")
-                if nonfinite_in_row >= lcfg.max_nonfinite_in_row:
-                    last_good = rundir.latest_checkpoint(run_dir)
-                    raise LdmError(
-                        f"training stopped: {nonfinite_in_row} non-finite losses in a row at step {step}; "
-                        f"last good checkpoint: {last_good or 'none'} (lower optim.lr or check the data)"
-                    )
             if is_main:
                 row = {"step": step, "loss": loss_sum, **logs, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": float(grad_norm) if finite else float("nan"),
+                       "grad_norm": grad_norm if finite else float("nan"),
                        "time": time.perf_counter() - started}
                 metrics.append(row)
             bar.advance(f"loss {loss_sum:.4f}")
+            if not finite:
+                logger.warning(f"step {step}: non-finite loss or gradient; update skipped")
+                if nonfinite_in_row >= lcfg.max_nonfinite_in_row:
+                    raise LdmError(
+                        f"training stopped: {nonfinite_in_row} non-finite losses in a row at step {step}; "
+                        f"last good checkpoint: {rundir.latest_checkpoint(run_dir) or 'none'} "
+                        "(lower optim.lr or check the data)"
+                    )
 
-            # -- now and then: checkpoint, plot, preview; on a signal, save and leave.
-            if stop.agreed(accelerator):
-                checkpoint_and_draw()
-                preempted = True
-                logger.warning(f"stop requested: saved a checkpoint at step {step}; resume with --resume")
-                break
+            # -- now and then: checkpoint, plot, preview.
             if step % lcfg.checkpoint_every == 0 and step < tcfg.max_steps:
                 checkpoint_and_draw()
             if task.preview is not None and is_main and step % lcfg.preview_every == 0 and step < tcfg.max_steps:
@@ -397,7 +573,7 @@ def train(
     seconds = time.perf_counter() - started
     export_path = None
     if not preempted:
-        if step > start_step or rundir.latest_checkpoint(run_dir) is None:
+        if saved_step != step:
             checkpoint_and_draw()
         if is_main:
             if task.preview is not None:

@@ -74,6 +74,9 @@ class TrainConfig(Section):
     )
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA of the weights; 0 disables it")
     seed: int = 0
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels-last memory format (auto: on CUDA)")
+    tf32: Literal["auto", "on", "off"] = Field("auto", description="TF32 matmuls and convolutions (auto: on CUDA)")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model (auto: on CUDA)")
 
 
 class LoggingConfig(Section):

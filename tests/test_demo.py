@@ -1,0 +1,45 @@
+"""`ldm demo` end to end on tiny configs: every stage, the report, and reuse on a rerun."""
+
+from __future__ import annotations
+
+import re
+
+from PIL import Image
+
+from conftest import tiny_denoiser_overrides, tiny_vae_overrides
+from ldm_cli.demo import demo_vae_config, run_demo
+
+STAGES = ["train-vae", "reconstruct", "schedule-plot", "train-denoiser", "sample-ddpm", "sample-ddim", "reimagine"]
+
+
+def drop_paths(overrides: list[str]) -> list[str]:
+    """The tiny configs without the keys the demo sets itself."""
+    return [o for o in overrides if not o.startswith(("output.dir", "latents.vae", "train.max_steps"))]
+
+
+def test_minutes_scale_the_training_budget(tmp_path):
+    full, quick = demo_vae_config(tmp_path, 10.0), demo_vae_config(tmp_path, 2.0)
+    assert quick.train.max_steps == round(full.train.max_steps / 5)
+    assert quick.loss.beta_decay_steps < full.loss.beta_decay_steps
+    assert quick.output.dir == str(tmp_path / "vae")
+
+
+def test_demo_runs_every_stage_and_reuses_them(tmp_path):
+    vae = drop_paths(tiny_vae_overrides("x", 1))
+    den = drop_paths(tiny_denoiser_overrides("x", "x", 1))
+    result = run_demo(tmp_path, minutes=0.1, vae_overrides=vae, denoiser_overrides=den)
+    assert list(result.records) == STAGES
+    assert not any(r["reused"] for r in result.records.values())
+    markdown = result.report_md.read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(images) >= 12
+    for rel in images:
+        with Image.open(tmp_path / rel) as img:
+            img.verify()
+    page = result.report_html.read_text()
+    assert page.count("data:image/png;base64,") == len(images)
+    assert "mean PSNR" in markdown and "ᾱ" in markdown and "DDIM" in markdown
+
+    again = run_demo(tmp_path, minutes=0.1, vae_overrides=vae, denoiser_overrides=den)
+    assert all(r["reused"] for r in again.records.values())
+    assert again.records["train-vae"]["seconds"] == result.records["train-vae"]["seconds"]

@@ -277,6 +277,26 @@ def demo_command(
     console.print(f"wrote {result.report_md} and {result.report_html}")
 
 
+@app.command("evaluate")
+@reports_errors
+def evaluate_command(
+    samples: Annotated[Path, typer.Option("--samples", help="Generated images: an `ldm sample` output folder (its images/ is used) or any folder of images.")],
+    reference: Annotated[str, typer.Option("--reference", help="Reference images: an image folder, a .zip of images, or builtin:faces (prepared at the samples' resolution).")],
+    inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="Local torchvision Inception v3 weights (inception_v3_google-0cc3c7bd.pth or .safetensors). Default: $TORCH_HOME/hub/checkpoints/ (TORCH_HOME defaults to ~/.cache/torch). Never downloaded.")] = None,
+    features: Annotated[Optional[Path], typer.Option("--features", help="TorchScript feature network instead of Inception: float images in [0, 1] of shape (N, 3, S, S) → features (N, D).")] = None,
+    features_size: Annotated[Optional[int], typer.Option("--features-size", help="Side S images are resized to for --features (default: the samples' own size).")] = None,
+    num_reference: Annotated[Optional[int], typer.Option("--num-reference", help="Use this many reference images (a fixed random subset; builtin:faces draws this many). Default: all.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pass of the feature network (memory does not grow with the number of images).")] = 50,
+) -> None:
+    """Score generated images against a data set: FID, KID and precision/recall in a feature network's space."""
+    from ldm_cli.evaluate import format_report, run_evaluate
+
+    report = run_evaluate(samples, reference, inception_weights=inception_weights, features=features,
+                          features_size=features_size, batch_size=batch_size, num_reference=num_reference)
+    for line in format_report(report):
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="ldm")

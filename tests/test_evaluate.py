@@ -1,0 +1,443 @@
+"""`ldm evaluate`: the distances against closed forms, and the plumbing with a tiny network."""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from ldm_cli import evaluate as ev
+from ldm_cli.errors import UsageError
+from ldm_cli.faces import draw_face
+from ldm_cli.features import INCEPTION_FILE, FeatureNetwork, load_inception, read_state_dict
+
+RES = 16
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.:FutureWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: these tensors are tiny, and on a busy shared machine a thread
+    pool spins on every small matmul (the file takes ~5 s this way, over a minute with 2)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def random_spd(d: int, seed: int) -> torch.Tensor:
+    """A random symmetric positive definite matrix in float64."""
+    a = torch.randn(d, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return a @ a.T / d + 0.1 * torch.eye(d, dtype=torch.float64)
+
+
+def write_faces(folder: Path, count: int, seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        draw_face(i, RES, seed).save(folder / f"{i:06d}.png")
+    return folder
+
+
+def write_solids(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        Image.new("RGB", (RES, RES), colour).save(folder / f"{i:06d}.png")
+    return folder
+
+
+class TinyFeatures(torch.nn.Module):
+    """A fixed random conv, ReLU and global pooling: 8 mean + 8 max + 3 colour features."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=generator))
+            self.conv.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x * 2 - 1))
+        return torch.cat([h.mean((2, 3)), h.amax((2, 3)), x.mean((2, 3))], 1)
+
+
+class FixedSize(torch.nn.Module):
+    """Only accepts 16×16 inputs (a linear layer on the flattened image)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(3 * 16 * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1))
+
+
+class NotFeatures(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean((1, 2, 3))  # (N,), not (N, D)
+
+
+def script(module: torch.nn.Module, path: Path) -> Path:
+    torch.jit.save(torch.jit.script(module), str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_net(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return script(TinyFeatures(), tmp_path_factory.mktemp("net") / "tiny.pt")
+
+
+@pytest.fixture(scope="module")
+def faces_a(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_faces(tmp_path_factory.mktemp("faces-a"), 24, seed=1)
+
+
+@pytest.fixture(scope="module")
+def faces_b(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_faces(tmp_path_factory.mktemp("faces-b"), 24, seed=2)
+
+
+@pytest.fixture(scope="module")
+def solids(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_solids(tmp_path_factory.mktemp("solids"), 24)
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "ldm-cache"
+    monkeypatch.setenv("LDM_CACHE_DIR", str(cache))
+    return cache
+
+
+def evaluate(samples: Path, reference: str | Path, net: Path, **kwargs) -> ev.EvaluationReport:
+    return ev.run_evaluate(samples, str(reference), features=net, batch_size=kwargs.pop("batch_size", 7),
+                           device="cpu", **kwargs)
+
+
+# --------------------------------------------------------------------------- Fréchet distance
+
+
+def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
+    g = torch.Generator().manual_seed(0)
+    mu1, mu2 = torch.randn(6, generator=g, dtype=torch.float64), torch.randn(6, generator=g, dtype=torch.float64)
+    a = torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    b = torch.rand(6, generator=g, dtype=torch.float64) + 0.1
+    expected = (mu1 - mu2).pow(2).sum() + (a + b - 2 * (a * b).sqrt()).sum()
+    assert ev.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(float(expected), rel=1e-10)
+
+
+def test_frechet_distance_of_non_commuting_2d_gaussians_is_closed_form():
+    # For 2×2 matrices with non-negative eigenvalues: Tr √M = √(Tr M + 2√det M); here M = Σ1Σ2.
+    s1, s2 = random_spd(2, 1), random_spd(2, 2)
+    assert not torch.allclose(s1 @ s2, s2 @ s1)
+    mu1, mu2 = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([2.0, 0.25], dtype=torch.float64)
+    tr_sqrt = math.sqrt(float((s1 @ s2).trace()) + 2 * math.sqrt(float(torch.det(s1) * torch.det(s2))))
+    expected = float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace()) - 2 * tr_sqrt
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+
+
+def test_frechet_distance_matches_general_eigenvalues_in_higher_dimension():
+    s1, s2 = random_spd(20, 3), random_spd(20, 4)
+    mu1, mu2 = torch.zeros(20, dtype=torch.float64), torch.full((20,), 0.3, dtype=torch.float64)
+    eigenvalues = np.linalg.eigvals((s1 @ s2).numpy())  # non-symmetric product: real, non-negative eigenvalues
+    tr_sqrt = np.sqrt(np.clip(eigenvalues.real, 0, None)).sum()
+    expected = float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace()) - 2 * tr_sqrt
+    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_is_zero_on_itself_and_symmetric_even_when_singular():
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(10, 30, generator=g), torch.randn(12, 30, generator=g) + 0.5  # rank < D: singular Σ
+    mx, sx = ev.gaussian_stats(x)
+    my, sy = ev.gaussian_stats(y)
+    assert abs(ev.frechet_distance(mx, sx, mx, sx)) < 1e-8
+    assert ev.frechet_distance(mx, sx, my, sy) == pytest.approx(ev.frechet_distance(my, sy, mx, sx), rel=1e-9)
+    assert ev.frechet_distance(mx, sx, my, sy) > 1.0
+
+
+def test_gaussian_stats_in_chunks_match_numpy(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(ev, "STATS_CHUNK", 7)
+    x = torch.randn(50, 5, generator=torch.Generator().manual_seed(2)) * 3 + 10
+    mu, sigma = ev.gaussian_stats(x)
+    np.testing.assert_allclose(mu.numpy(), x.double().numpy().mean(0), rtol=1e-12)
+    np.testing.assert_allclose(sigma.numpy(), np.cov(x.double().numpy(), rowvar=False), rtol=1e-10)
+
+
+# --------------------------------------------------------------------------- KID
+
+
+def test_mmd2_unbiased_matches_a_direct_sum():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+
+    def k(a, b):
+        return (float(a @ b) / 3 + 1) ** 3
+
+    m = 5
+    xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
+    xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
+    assert ev.mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+
+
+def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shifted_one():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(400, 16, generator=g), torch.randn(400, 16, generator=g)
+    same_mean, same_std = ev.kernel_distance(x, y, subsets=50, subset_size=200)
+    shifted_mean, shifted_std = ev.kernel_distance(x, y + 0.5, subsets=50, subset_size=200)
+    assert abs(same_mean) < 3 * same_std + 1e-3
+    assert shifted_mean > 10 * max(same_std, abs(same_mean))
+    assert shifted_mean > 5 * shifted_std
+
+
+# --------------------------------------------------------------------------- precision and recall
+
+
+def test_knn_radii_match_brute_force(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(ev, "DISTANCE_CHUNK", 6)
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    brute = torch.cdist(x, x).sort(dim=1).values[:, 3]  # column 0 is the point itself
+    torch.testing.assert_close(ev.knn_radii(x, k=3), brute, rtol=1e-9, atol=1e-9)
+
+
+def test_precision_and_recall_sanity():
+    g = torch.Generator().manual_seed(4)
+    real = torch.randn(60, 8, generator=g)
+    assert ev.precision_recall(real, real.clone()) == (1.0, 1.0)
+    assert ev.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    # Half the fakes on the real data, half far away: precision ½; the fakes cover what they sit on.
+    fake = torch.cat([real[:30], real[30:] + 100.0])
+    precision, recall = ev.precision_recall(real, fake)
+    assert precision == pytest.approx(0.5)
+    assert 0.4 <= recall < 1.0
+
+
+# --------------------------------------------------------------------------- end to end, tiny network
+
+
+def test_evaluate_end_to_end_and_reference_cache_reuse(tiny_net, faces_a, faces_b, solids, private_cache,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    fed: list[int] = []
+    original_call = FeatureNetwork.__call__
+
+    def counting_call(self, images):
+        fed.append(len(images))
+        return original_call(self, images)
+
+    monkeypatch.setattr(FeatureNetwork, "__call__", counting_call)
+    itself = evaluate(faces_a, faces_a, tiny_net)
+    assert sum(fed) == 2 * 24  # reference and samples
+    assert max(fed) <= 7  # in batches
+    assert abs(itself.fid) < 1e-6
+    assert (itself.precision, itself.recall) == (1.0, 1.0)
+    assert (itself.n_samples, itself.n_reference, itself.resolution) == (24, 24, RES)
+    assert itself.network == "torchscript tiny.pt"
+    assert not itself.reference_cached
+    assert itself.reference_cache.is_file() and itself.reference_cache.parent == private_cache
+    assert itself.reference_cache.suffix == ".safetensors"
+
+    # Later calls: the reference images are neither loaded nor fed through the network.
+    fed.clear()
+    monkeypatch.setattr(ev, "load_images", lambda cfg: pytest.fail("reference images reloaded"))
+    mtime = itself.reference_cache.stat().st_mtime_ns
+    similar = evaluate(faces_b, faces_a, tiny_net)  # other faces, same distribution
+    different = evaluate(solids, faces_a, tiny_net)
+    assert sum(fed) == 2 * 24  # the samples only
+    assert similar.reference_cached and different.reference_cached
+    assert different.reference_cache == itself.reference_cache
+    assert itself.reference_cache.stat().st_mtime_ns == mtime
+    assert 1e-3 < similar.fid < different.fid / 3
+    assert 0 < similar.kid_mean < different.kid_mean / 3
+    assert different.precision < similar.precision and different.recall < similar.recall
+    # The very same points make the unbiased KID negative: its cross term includes each
+    # pair (x, x), which the within-set terms leave out. (Independent draws: ≈ 0, above.)
+    assert itself.kid_mean < 0
+
+
+def test_evaluate_against_builtin_faces_reads_an_ldm_sample_folder(tiny_net, solids, tmp_path):
+    run = tmp_path / "samples"  # the layout `ldm sample -o` writes
+    write_faces(run / "images", 16, seed=7)
+    Image.new("RGB", (4 * RES, 4 * RES)).save(run / "grid.png")
+    faces = evaluate(run, "builtin:faces", tiny_net, num_reference=32)
+    colours = evaluate(solids, "builtin:faces", tiny_net, num_reference=32)
+    assert (faces.n_samples, faces.n_reference, faces.resolution) == (16, 32, RES)
+    assert 0 < faces.fid < colours.fid
+    assert faces.kid_mean < colours.kid_mean
+
+
+def test_num_reference_takes_a_subset_and_features_size_resizes(tiny_net, faces_a, solids):
+    report = evaluate(solids, faces_a, tiny_net, num_reference=10, features_size=24)
+    assert report.n_reference == 10 and report.network == "torchscript tiny.pt @24px"
+
+
+def test_too_few_images_for_precision_recall_still_gives_fid(tiny_net, faces_a, tmp_path):
+    two = write_faces(tmp_path / "two", 2, seed=3)
+    report = evaluate(two, faces_a, tiny_net)
+    assert report.n_samples == 2 and math.isfinite(report.fid) and math.isfinite(report.kid_mean)
+    assert report.precision is None and report.recall is None
+
+
+# --------------------------------------------------------------------------- bad inputs
+
+
+def assert_one_line(err: pytest.ExceptionInfo, *fragments: str) -> None:
+    message = str(err.value)
+    assert "\n" not in message and "Traceback" not in message
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_samples_folder_missing_empty_or_single(tiny_net, faces_a, tmp_path):
+    with pytest.raises(UsageError) as err:
+        evaluate(tmp_path / "nowhere", faces_a, tiny_net)
+    assert_one_line(err, "nowhere", "no such folder")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError) as err:
+        evaluate(tmp_path / "empty", faces_a, tiny_net)
+    assert_one_line(err, "empty", "no images")
+    one = write_faces(tmp_path / "one", 1, seed=0)
+    with pytest.raises(UsageError) as err:
+        evaluate(one, faces_a, tiny_net)
+    assert_one_line(err, str(one), "at least 2")
+
+
+def test_reference_with_a_single_image_or_bad_source(tiny_net, faces_a, tmp_path):
+    one = write_faces(tmp_path / "one-ref", 1, seed=0)
+    with pytest.raises(UsageError) as err:
+        evaluate(faces_a, one, tiny_net)
+    assert_one_line(err, "at least 2")
+    with pytest.raises(UsageError) as err:
+        evaluate(faces_a, tmp_path / "no-such-data", tiny_net)
+    assert_one_line(err, "no-such-data")
+
+
+def test_missing_default_inception_weights_name_the_path(faces_a, tmp_path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with pytest.raises(UsageError) as err:
+        ev.run_evaluate(faces_a, str(faces_a), batch_size=8, device="cpu")
+    expected = tmp_path / "torch-home" / "hub" / "checkpoints" / INCEPTION_FILE
+    assert_one_line(err, str(expected), "--inception-weights PATH")
+    assert err.value.exit_code == 2
+
+
+def test_missing_weights_or_features_files(faces_a, tmp_path):
+    with pytest.raises(UsageError) as err:
+        ev.run_evaluate(faces_a, str(faces_a), inception_weights=tmp_path / "gone.pth", device="cpu")
+    assert_one_line(err, "gone.pth", "no such file")
+    with pytest.raises(UsageError) as err:
+        ev.run_evaluate(faces_a, str(faces_a), features=tmp_path / "gone.pt", device="cpu")
+    assert_one_line(err, "gone.pt", "no such file")
+
+
+def test_invalid_features_files_are_usage_errors(faces_a, tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_text("not a network")
+    with pytest.raises(UsageError) as err:
+        evaluate(faces_a, faces_a, junk)
+    assert_one_line(err, "junk.pt", "not a TorchScript file")
+    with pytest.raises(UsageError) as err:
+        evaluate(faces_a, faces_a, script(NotFeatures(), tmp_path / "flat.pt"))
+    assert_one_line(err, "flat.pt", "expected a tensor of shape (N, D)")
+    with pytest.raises(UsageError) as err:
+        evaluate(faces_a, faces_a, script(FixedSize(), tmp_path / "fixed.pt"), features_size=20)
+    assert_one_line(err, "fixed.pt", "failed on a batch of shape", "--features-size")
+
+
+def test_conflicting_and_invalid_options(tiny_net, faces_a, tmp_path):
+    with pytest.raises(UsageError, match="pass only one"):
+        ev.run_evaluate(faces_a, str(faces_a), features=tiny_net, inception_weights=tmp_path / "w.pth", device="cpu")
+    with pytest.raises(UsageError, match="--batch-size"):
+        evaluate(faces_a, faces_a, tiny_net, batch_size=0)
+    with pytest.raises(UsageError, match="--num-reference"):
+        evaluate(faces_a, faces_a, tiny_net, num_reference=1)
+
+
+class Payload:
+    """Unpickling this would create a folder: proof that a loader ran pickled code."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+def test_a_pickle_as_inception_weights_is_refused_without_running_it(faces_a, tmp_path, writer):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    state = {"conv.weight": torch.zeros(1), "payload": Payload(marker)}
+    if writer == "torch.save":
+        torch.save(state, path)
+    else:
+        path.write_bytes(pickle.dumps(state))
+    with pytest.raises(UsageError) as err:
+        ev.run_evaluate(faces_a, str(faces_a), inception_weights=path, device="cpu")
+    assert_one_line(err, "evil.pth", "never runs pickled code")
+    assert not marker.exists()
+
+
+def test_weights_of_another_network_are_refused(faces_a, tmp_path):
+    path = tmp_path / "other.safetensors"
+    save_file({"conv.weight": torch.zeros(2, 2)}, str(path))
+    with pytest.raises(UsageError) as err:
+        ev.run_evaluate(faces_a, str(faces_a), inception_weights=path, device="cpu")
+    assert_one_line(err, "other.safetensors", "not torchvision Inception v3 weights")
+
+
+def test_inception_from_local_weights_gives_2048_features(tmp_path):
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    state = inception_v3(weights=None, aux_logits=True, init_weights=False).state_dict()
+    pth, st = tmp_path / INCEPTION_FILE, tmp_path / "inception.safetensors"
+    torch.save(state, pth)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(st))
+    assert read_state_dict(pth).keys() == state.keys()  # weights_only=True reads a plain state dict
+    net = load_inception(st, torch.device("cpu"))
+    assert net.prepare(torch.zeros(1, 3, RES, RES, dtype=torch.uint8)).shape == (1, 3, 299, 299)
+    features = net(torch.randint(0, 256, (1, 3, RES, RES), dtype=torch.uint8))  # one image: ~0.5 s of CPU
+    assert features.shape == (1, 2048) and features.dtype == torch.float32
+    assert torch.isfinite(features).all()
+
+
+# --------------------------------------------------------------------------- the command (once wired)
+
+
+def evaluate_command_wired() -> bool:
+    from ldm_cli.cli import app
+
+    return any(command.name == "evaluate" for command in app.registered_commands)
+
+
+@pytest.mark.skipif(not evaluate_command_wired(), reason="`ldm evaluate` is not wired into the CLI yet")
+def test_evaluate_command_prints_scores_and_reports_missing_weights(tiny_net, faces_a, faces_b, tmp_path,
+                                                                    monkeypatch: pytest.MonkeyPatch):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["evaluate", "--samples", str(faces_b), "--reference", str(faces_a),
+                                 "--features", str(tiny_net), "--batch-size", "8"])
+    assert result.exit_code == 0, result.output
+    for name in ("FID", "KID", "precision", "recall"):
+        assert name in result.stdout
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    result = runner.invoke(app, ["evaluate", "--samples", str(faces_b), "--reference", str(faces_a)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("ldm: error:")]
+    assert len(errors) == 1 and INCEPTION_FILE in errors[0]

@@ -85,6 +85,7 @@ class TrainResult:
     preempted: bool
     world_size: int
     export_path: Path | None
+    is_main_process: bool = True  # only the main process should print the result
 
 
 # --------------------------------------------------------------------------- set-up
@@ -406,7 +407,9 @@ def resume_state(
     return step, int(state["nonfinite_total"])
 
 
-def mean_over_processes(accelerator: Accelerator, loss: float, parts: dict[str, float]) -> tuple[float, dict[str, float]]:
+def mean_over_processes(
+    accelerator: Accelerator, loss: float, parts: dict[str, float]
+) -> tuple[float, dict[str, float]]:
     """The loss and its logged parts averaged over all processes (one small all-reduce)."""
     if accelerator.num_processes == 1:
         return loss, parts
@@ -499,7 +502,7 @@ def _train(
             )
         save_checkpoint(accelerator, run_dir, step, training_state(), lcfg.keep_checkpoints)
         saved_step = step
-        if is_main:
+        if is_main and (run_dir / rundir.METRICS_CSV).is_file():  # none yet when stopped before step 1
             plot_metrics(run_dir / rundir.METRICS_CSV, run_dir / rundir.METRICS_PNG,
                          task.metric_panels, task.log_scale_panels)
 
@@ -586,6 +589,7 @@ def _train(
         run_dir=run_dir, steps_done=done, final_step=step, seconds=seconds,
         steps_per_second=done / seconds if seconds > 0 else 0.0, skipped_nonfinite=nonfinite_total,
         preempted=preempted, world_size=accelerator.num_processes, export_path=export_path,
+        is_main_process=is_main,
     )
 
 

@@ -88,6 +88,8 @@ def resolve_run(schema, default_name: str, config: Path | None, sets: list[str] 
 
 
 def print_training_result(result, what: str) -> None:
+    if not result.is_main_process:  # under `accelerate launch`, one summary for the run
+        return
     state = "stopped on a signal at" if result.preempted else "finished at"
     console.print(
         f"{what} {state} step {result.final_step}: {result.steps_done} updates in {result.seconds:.1f} s "

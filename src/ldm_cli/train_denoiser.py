@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,7 +27,6 @@ from ldm_cli.errors import UsageError
 from ldm_cli.exports import VAEBundle, export_denoiser, load_vae
 from ldm_cli.latents import (
     LatentCache,
-    LatentStats,
     build_latent_cache,
     encode_posteriors,
     sample_posterior,
@@ -89,8 +89,6 @@ def load_or_build_latent_cache(
     key = latent_cache_key(config, vae_path, images)
     if path.is_file():
         try:
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as f:
                 stored_key = (f.metadata() or {}).get("key")
             if stored_key == key:

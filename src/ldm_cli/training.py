@@ -51,6 +51,7 @@ from ldm_cli import rundir
 from ldm_cli.config import LoggingConfig, OptimConfig, TrainConfig, to_toml
 from ldm_cli.ema import EMA
 from ldm_cli.errors import CheckpointError, ConfigError, LdmError
+from ldm_cli.speed import SpeedSettings, apply_speed_settings, resolve_speed
 from ldm_cli.progress import ProgressReporter, setup_logging
 from ldm_cli.viz import plot_metrics
 
@@ -91,14 +92,17 @@ class TrainResult:
 # --------------------------------------------------------------------------- set-up
 
 
-def make_accelerator(cfg: TrainConfig) -> Accelerator:
-    """An Accelerator on CUDA when present, else a real (gloo) CPU process group."""
+def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, SpeedSettings]:
+    """An Accelerator on CUDA when present, else a real (gloo) CPU process group, with
+    the speed settings (`ldm_cli.speed`) that `auto` resolves to on this machine."""
     AcceleratorState._reset_state(reset_partial_state=False)  # allow several runs per process
     on_cuda = torch.cuda.is_available()
-    precision = cfg.mixed_precision
-    if precision == "auto":
-        precision = "bf16" if on_cuda and torch.cuda.is_bf16_supported() else "no"
-    return Accelerator(cpu=not on_cuda, mixed_precision=precision)
+    speed = resolve_speed(cfg, on_cuda)
+    apply_speed_settings(speed)
+    precision = "bf16" if speed.bf16 else ("no" if cfg.mixed_precision == "auto" else cfg.mixed_precision)
+    accelerator = Accelerator(cpu=not on_cuda, mixed_precision=precision,
+                              dynamo_backend="inductor" if speed.compile else "no")
+    return accelerator, speed
 
 
 def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
@@ -443,7 +447,7 @@ def _train(
     tcfg: TrainConfig = config.train
     ocfg: OptimConfig = config.optim
     lcfg: LoggingConfig = config.logging
-    accelerator = make_accelerator(tcfg)
+    accelerator, speed = make_accelerator(tcfg)
     is_main = accelerator.is_main_process
     setup_logging(is_main)
     local_batch = per_process_batch(tcfg, accelerator.num_processes)
@@ -469,9 +473,11 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: learning_rate_factor(s, ocfg, tcfg.max_steps)
     )
+    if speed.channels_last:
+        raw_model.to(memory_format=torch.channels_last)
     ema = EMA(raw_model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
-    model, optimizer = accelerator.prepare(raw_model, optimizer)
-    raw_model = accelerator.unwrap_model(model)
+    model, optimizer = accelerator.prepare(raw_model, optimizer)  # compiles when speed.compile
+    raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
 
     # 3. Resume: weights, optimizer, schedule, EMA, counters and RNG streams.
     step, nonfinite_total = 0, 0
@@ -509,7 +515,8 @@ def _train(
     logger.info(
         f"training {task.name}: {tcfg.max_steps} updates, global batch {tcfg.batch_size} "
         f"({accelerator.num_processes} process(es) × {local_batch} × {tcfg.grad_accum_steps} accumulation), "
-        f"{task.num_examples} examples, device {accelerator.device}, precision {accelerator.mixed_precision}"
+        f"{task.num_examples} examples, device {accelerator.device}, precision {accelerator.mixed_precision}, "
+        f"channels-last {speed.channels_last}, TF32 {speed.tf32}, compile {speed.compile}"
     )
     start_step, nonfinite_in_row, preempted = step, 0, False
     started = time.perf_counter()

@@ -187,3 +187,21 @@ def test_reimagine_grid_and_strength_validation(trained_denoiser, face_png, tmp_
                        "reimagine.png' already exists", "--overwrite")
     assert_usage_error(ldm("reimagine", "--checkpoint", trained_denoiser, "--image", tmp_path / "nope.png",
                            "--out", tmp_path / "other"), "nope.png")
+
+
+def test_reimagine_ddim_is_deterministic_and_ddpm_varies(trained_denoiser, face_png, tmp_path, monkeypatch):
+    import ldm_cli.generate as generate
+
+    outputs: dict[str, list] = {}
+    real_sample = generate.sample
+
+    def recording_sample(model, schedule, shape, **kwargs):
+        z = real_sample(model, schedule, shape, **kwargs)
+        outputs.setdefault(kwargs["sampler"], []).append(z)
+        return z
+
+    monkeypatch.setattr(generate, "sample", recording_sample)
+    generate.run_reimagine(trained_denoiser, face_png, tmp_path, strengths=[0.5], steps=8, num_seeds=2)
+    ddpm, ddim = outputs["ddpm"][0], outputs["ddim"][0]
+    assert torch.equal(ddim[0], ddim[1]), "DDIM from the same noised latent is deterministic"
+    assert not torch.allclose(ddpm[0], ddpm[1]), "DDPM differs with the seed"

@@ -231,7 +231,8 @@ def build_report(folder: Path, records: dict[str, dict[str, Any]], minutes: floa
     r.heading("5. Reimagine")
     r.image(folder / "reimagine" / "reimagine.png",
             "A held-out face noised to t = strength·T and brought back by DDPM (all remaining steps) and DDIM "
-            "(50·strength steps) for two seeds: DDPM varies with the seed, DDIM stays close to deterministic.")
+            "(50·strength steps) for two seeds from the same noised latent: DDPM varies with the seed, DDIM "
+            "(deterministic) gives the same image.")
     r.image(folder / "reimagine" / "reimagine-trajectory.png",
             "Predicted clean images along the DDPM and DDIM reverse processes at the middle strength.")
     return r

@@ -204,8 +204,10 @@ def run_reimagine(
     noised, ddpm_out, ddim_out, ddim_steps = [], [], [], {}
     for strength, t in starts.items():
         ddim_steps[strength] = max(1, min(t + 1, round(steps * strength)))
+        # One noised latent for every seed: the seeds then only drive DDPM's reverse
+        # noise, so DDPM's rows differ while DDIM (deterministic given z_t) repeats itself.
+        z_t = forward_noise(bundle.schedule, z0, t, torch.Generator().manual_seed(seed)).repeat(num_seeds, 1, 1, 1)
         gens = [torch.Generator().manual_seed(seed + k) for k in range(num_seeds)]
-        z_t = torch.cat([forward_noise(bundle.schedule, z0, t, g) for g in gens])
         noised.append(z_t[:1])
         common = dict(z_start=z_t, t_start=t, clip_limit=clip_limit, device=device)
         ddpm_out.append(sample(bundle.unet, bundle.schedule, z_t.shape, sampler="ddpm", generator=gens, **common))

@@ -152,7 +152,7 @@ def plot_metrics(csv_path: str | Path, png_path: str | Path, panels: Sequence[st
         ax.plot(xs, smooth(values), color="tab:blue", linewidth=1.6, label="smoothed")
         ax.set_title(key)
         ax.set_xlabel("update")
-        if key in log_scale and min(values, default=1) > 0:
+        if key in log_scale and min(values, default=1) > 0 and max(values) > min(values):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0][0].legend(loc="upper right", fontsize=8)

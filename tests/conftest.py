@@ -8,6 +8,16 @@ import torch
 torch.set_num_threads(2)
 
 
+class PickleTrap:
+    """Unpickling this creates the file `marker`: tests that refuse pickles check it never appears."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory: pytest.TempPathFactory):
     """Never touch the user's ~/.cache/ldm; share one cache across the session."""

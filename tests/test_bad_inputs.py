@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import tiny_denoiser_overrides, tiny_vae_overrides
+from conftest import PickleTrap, tiny_denoiser_overrides, tiny_vae_overrides
 from ldm_cli.cli import app
 from ldm_cli.faces import draw_face
 
@@ -169,18 +169,10 @@ def test_truncated_or_random_safetensors(keep, trained_denoiser, content):
     expect(ldm("sample", "--checkpoint", bad, "--out", keep / "s"), 2, str(bad), "not a readable safetensors file")
 
 
-class _Trap:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pickle_given_as_checkpoint_is_never_unpickled(keep):
     marker = keep / "unpickled"
     bad = keep / "model.ckpt"
-    bad.write_bytes(pickle.dumps({"state_dict": _Trap(str(marker))}))
+    bad.write_bytes(pickle.dumps({"state_dict": PickleTrap(str(marker))}))
     expect(ldm("sample", "--checkpoint", bad, "--out", keep / "s"), 2, "pickle", "never unpickles")
     assert not marker.exists()
 

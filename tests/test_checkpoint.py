@@ -7,6 +7,7 @@ import pickle
 import pytest
 import torch
 
+from conftest import PickleTrap
 from ldm_cli.checkpoint import load_model, save_model
 from ldm_cli.config import VAEModelConfig
 from ldm_cli.errors import CheckpointError
@@ -64,24 +65,14 @@ def test_missing_truncated_random_and_foreign_files(tmp_path):
         load_model(foreign, "vae")
 
 
-class Boom:
-    """Unpickling this would create a file: the test proves it never happens."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pickles_are_refused_without_unpickling(tmp_path):
     marker = tmp_path / "unpickled"
     plain = tmp_path / "model.pkl"
-    plain.write_bytes(pickle.dumps(Boom(str(marker))))
+    plain.write_bytes(pickle.dumps(PickleTrap(str(marker))))
     with pytest.raises(CheckpointError, match="never unpickles"):
         load_model(plain, "vae")
     torch_file = tmp_path / "model.pt"
-    torch.save({"w": torch.ones(1), "boom": Boom(str(marker))}, torch_file)
+    torch.save({"w": torch.ones(1), "boom": PickleTrap(str(marker))}, torch_file)
     with pytest.raises(CheckpointError, match="never unpickles"):
         load_model(torch_file, "vae")
     assert not marker.exists()

@@ -296,6 +296,13 @@ def models(vae_toml: str, den_toml: str) -> tuple[VAERunConfig, DenoiserRunConfi
     return vae_cfg, den_cfg, vae, unet
 
 
+def model_sizes(vae: torch.nn.Module, unet: torch.nn.Module) -> str:
+    """One line with both models' parameter counts."""
+    def millions(m: torch.nn.Module) -> float:
+        return sum(p.numel() for p in m.parameters()) / 1e6
+    return f"VAE {millions(vae):.2f} M params, UNet {millions(unet):.2f} M params, random weights"
+
+
 def in_memory_latents(stats: LatentStats, cache: LatentCache, batches: int, batch: int) -> torch.Tensor:
     """Pre-drawn, normalised posterior samples of the first rows of the cache."""
     rows = min(len(cache), batches * batch)
@@ -328,8 +335,7 @@ def small_setup(args: argparse.Namespace, tmp: Path) -> tuple[Setup, dict[str, f
             f"builtin:faces {data_cfg.resolution}×{data_cfg.resolution}, {len(images.train)} training images "
             f"(decoded in {load_s:.1f} s); latent cache {tuple(cache.mean.shape)} ×2 (μ, σ) float32 = "
             f"{2 * cache.mean.numel() * 4 / 2**20:.1f} MiB, really encoded",
-            f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.2f} M params, "
-            f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M params, random weights",
+            model_sizes(vae, unet),
         ],
     )
     return setup, {"build_s": build_s, "train_images": len(images.train), "cache_rows": len(cache)}
@@ -361,8 +367,7 @@ def ffhq_setup(args: argparse.Namespace, tmp: Path) -> Setup:
             f"configs/vae.toml + configs/denoiser.toml models at {res}×{res}"
             f" → {shape[0]}×{shape[1]}×{shape[2]} latents;"
             f" batch {batch} instead of the config's {den.train.batch_size} (CPU)",
-            f"VAE {sum(p.numel() for p in vae.parameters()) / 1e6:.1f} M params, "
-            f"UNet {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M params, random weights",
+            model_sizes(vae, unet),
             f"images: {len(images.train)} builtin:faces at {res}×{res} stand in for FFHQ; latent cache of FFHQ's size "
             f"{tuple(mean.shape)} ×2 (μ, σ) = {2 * mean.numel() * 4 / 2**30:.2f} GiB with synthetic values",
         ],

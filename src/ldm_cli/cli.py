@@ -166,10 +166,9 @@ def schedule_plot_command(
     kinds = schedule or ["linear", "cosine"]
     report = run_schedule_plot(timesteps, out, kinds, beta_start, beta_end, vae, image, seed, overwrite)
     table = Table("t", *[f"{col} {name}" for name in report.schedules for col in ("β_t", "ᾱ_t")])
-    first = next(iter(report.schedules.values()))
-    for t in range(first.timesteps):
-        table.add_row(str(t), *[f"{s.betas[t].item():.5f}" if i % 2 == 0 else f"{s.alphas_cumprod[t].item():.5f}"
-                                for s in report.schedules.values() for i in range(2)])
+    tables = [s.table() for s in report.schedules.values()]  # rows of (t, β_t, ᾱ_t)
+    for rows in zip(*tables):
+        table.add_row(str(rows[0][0]), *[f"{value:.5f}" for _, beta, abar in rows for value in (beta, abar)])
     console.print(table)
     for warning in report.warnings:
         console.print(f"note: {warning}", markup=False)

@@ -104,10 +104,10 @@ def load_or_build_latent_cache(
     return cache
 
 
-def build_denoiser_task(config: DenoiserRunConfig, accelerator: Accelerator, run_dir: Path) -> TrainTask:
-    """Latents, model, v-loss, previews and export of a denoiser run."""
+def build_denoiser_task(config: DenoiserRunConfig, vae: VAEBundle, accelerator: Accelerator, run_dir: Path) -> TrainTask:
+    """Latents, model, v-loss, previews and export of a denoiser run on the (checked) VAE."""
     vae_path = resolve_vae_path(config)
-    vae = load_vae(vae_path).to(accelerator.device)
+    vae = vae.to(accelerator.device)
     latent_shape = check_latent_shape(config, vae, vae_path)
     with accelerator.main_process_first():
         images = load_images(config.data)
@@ -178,6 +178,7 @@ def train_denoiser(config: DenoiserRunConfig, *, resume: bool = False, overwrite
     run_dir = Path(config.output.dir)
     # Fail on a missing or mismatched VAE before anything is written.
     vae_path = resolve_vae_path(config)
-    check_latent_shape(config, load_vae(vae_path), vae_path)
-    return train(lambda acc: build_denoiser_task(config, acc, run_dir), config, run_dir,
+    vae = load_vae(vae_path)
+    check_latent_shape(config, vae, vae_path)
+    return train(lambda acc: build_denoiser_task(config, vae, acc, run_dir), config, run_dir,
                  resume=resume, overwrite=overwrite, export_name=EXPORT_NAME)

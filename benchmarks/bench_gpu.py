@@ -9,7 +9,7 @@ Reports, for configs/vae.toml and configs/denoiser.toml on the GPU:
     torch.utils.flop_counter for one step, divided by the step time and the GPU's peak.
 
 Speed options (bf16 autocast, channels-last, TF32, torch.compile) follow the same
-`ldm_cli.speed` rules as training; pass --no-compile etc. to compare.
+`ldm_cli.training.speed` rules as training; pass --no-compile etc. to compare.
 
 Without a CUDA GPU the script refuses (exit 2) with one line, unless --allow-cpu is
 given, which runs the same code on tiny shapes to check it (used by the tests).
@@ -29,13 +29,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
-from ldm_cli.latents import sample_posterior
-from ldm_cli.losses import v_prediction_loss
+from ldm_cli.diffusion.parametrization import VPredictionLoss
+from ldm_cli.diffusion.sampling import sample
+from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.models.unet import UNet
 from ldm_cli.models.vae import VAE
-from ldm_cli.samplers import sample
-from ldm_cli.schedules import NoiseSchedule
-from ldm_cli.speed import SpeedSettings, apply_speed_settings
+from ldm_cli.training.latent_cache import sample_posterior
+from ldm_cli.training.speed import SpeedSettings, apply_speed_settings
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) of common training GPUs.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
@@ -137,16 +137,15 @@ def main() -> int:
     unet = UNet(den_cfg.model).to(device, memory_format=memory_format)
     unet_step_model = torch.compile(unet) if settings.compile else unet
     schedule = NoiseSchedule.from_config(den_cfg.diffusion)
+    v_loss = VPredictionLoss(schedule)  # plain v-MSE: min-SNR weighting costs nothing measurable
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     cache_batch = torch.randn(args.denoiser_batch, 2, *latent_shape, device=device).abs()
 
     def denoiser_step() -> None:
         z0 = sample_posterior(cache_batch).to(memory_format=memory_format)
         t = torch.randint(0, schedule.timesteps, (len(z0),), device=device)
-        eps = torch.randn_like(z0)
         with autocast:
-            v_hat = unet_step_model(schedule.add_noise(z0, t, eps), t)
-        loss = v_prediction_loss(v_hat, schedule.v_target(z0, t, eps), torch.ones(len(z0), device=device))
+            loss = v_loss(unet_step_model, z0, t, torch.randn_like(z0))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

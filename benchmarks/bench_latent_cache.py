@@ -62,27 +62,17 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ldm_cli.config import (  # noqa: E402
-    DataConfig,
-    DenoiserRunConfig,
-    VAERunConfig,
-    load_config,
-    packaged_config,
-)
+from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config  # noqa: E402
 from ldm_cli.data import load_images, random_flip, to_float  # noqa: E402
-from ldm_cli.ema import EMA  # noqa: E402
-from ldm_cli.latents import (  # noqa: E402
-    LatentCache,
-    LatentStats,
-    build_latent_cache,
-    sample_posterior,
-    stats_of_posterior_samples,
-)
-from ldm_cli.losses import v_loss_weights, v_prediction_loss  # noqa: E402
+from ldm_cli.diffusion.parametrization import VPredictionLoss  # noqa: E402
+from ldm_cli.diffusion.schedules import NoiseSchedule  # noqa: E402
+from ldm_cli.models.ema import EMA  # noqa: E402
+from ldm_cli.models.latent_stats import LatentStats, stats_of_posterior_samples  # noqa: E402
 from ldm_cli.models.unet import UNet  # noqa: E402
 from ldm_cli.models.vae import VAE  # noqa: E402
-from ldm_cli.schedules import NoiseSchedule  # noqa: E402
-from ldm_cli.training import BatchOrder, make_optimizer, max_grad_norm  # noqa: E402
+from ldm_cli.training.distributed import BatchOrder  # noqa: E402
+from ldm_cli.training.latent_cache import LatentCache, build_latent_cache, sample_posterior  # noqa: E402
+from ldm_cli.training.optim import make_optimizer, max_grad_norm  # noqa: E402
 
 PATHS = ("cache", "on-the-fly", "in-memory")
 
@@ -115,7 +105,7 @@ class Trainer:
         self.optimizer = make_optimizer(s.unet, s.den.optim)
         self.ema = EMA(s.unet, s.den.train.ema_decay) if s.den.train.ema_decay > 0 else None
         self.clip = max_grad_norm(s.den.optim)
-        self.gamma = s.den.diffusion.min_snr_gamma
+        self.v_loss = VPredictionLoss(s.schedule, s.den.diffusion.min_snr_gamma)
         seed = s.den.train.seed
         self.orders = {
             "cache": BatchOrder(len(s.cache), s.batch, 1, 1, 0, seed),
@@ -146,16 +136,12 @@ class Trainer:
     def data(self, path: str) -> Callable[[int], torch.Tensor]:
         return {"cache": self.data_cache, "on-the-fly": self.data_on_the_fly, "in-memory": self.data_in_memory}[path]
 
-    # -- the update itself, as train_denoiser's loss() and the shared loop do it
+    # -- the update itself, as the denoiser task's loss() and the shared loop do it
 
     def update(self, z0: torch.Tensor) -> float:
-        schedule, unet = self.s.schedule, self.s.unet
-        t = torch.randint(0, schedule.timesteps, (len(z0),), device=z0.device)
-        eps = torch.randn_like(z0)
-        z_t = schedule.add_noise(z0, t, eps)
-        v_hat = unet(z_t, t)
-        weights = v_loss_weights(schedule.snr(t).to(z0), self.gamma)
-        loss = v_prediction_loss(v_hat, schedule.v_target(z0, t, eps), weights)
+        unet = self.s.unet
+        t = torch.randint(0, self.s.schedule.timesteps, (len(z0),), device=z0.device)
+        loss = self.v_loss(unet, z0, t, torch.randn_like(z0))
         loss.backward()
         value = loss.item()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), self.clip)

@@ -38,8 +38,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ldm_cli.samplers import sample, sample_in_batches  # noqa: E402
-from ldm_cli.schedules import NoiseSchedule  # noqa: E402
+from ldm_cli.diffusion.sampling import sample, sample_in_batches
+from ldm_cli.diffusion.schedules import NoiseSchedule
 
 
 class TinyDenoiser(nn.Module):

@@ -14,9 +14,9 @@ import argparse
 import csv
 from pathlib import Path
 
+from ldm_cli.commands.reconstruct import run_reconstruct
 from ldm_cli.config import VAERunConfig, load_config, packaged_config
-from ldm_cli.reconstruct import run_reconstruct
-from ldm_cli.train_vae import train_vae
+from ldm_cli.training.vae_task import train_vae
 
 VARIANTS = {
     "latent 2x8x8, beta 1e-3 -> 1e-5": ["model.latent_channels=2"],

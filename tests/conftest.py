@@ -56,7 +56,7 @@ def tiny_denoiser_overrides(out, vae_path, steps: int = 20) -> list[str]:
 def trained_vae(tmp_path_factory: pytest.TempPathFactory, _private_cache):
     """A tiny VAE trained once per session, for the tests that need one."""
     from ldm_cli.config import VAERunConfig, load_config
-    from ldm_cli.train_vae import train_vae
+    from ldm_cli.training.vae_task import train_vae
 
     out = tmp_path_factory.mktemp("vae-run")
     cfg = load_config(VAERunConfig, None, tiny_vae_overrides(out, steps=40))
@@ -68,7 +68,7 @@ def trained_vae(tmp_path_factory: pytest.TempPathFactory, _private_cache):
 def trained_denoiser(tmp_path_factory: pytest.TempPathFactory, trained_vae):
     """A tiny denoiser trained once per session on the tiny VAE's latents."""
     from ldm_cli.config import DenoiserRunConfig, load_config
-    from ldm_cli.train_denoiser import train_denoiser
+    from ldm_cli.training.denoiser_task import train_denoiser
 
     out = tmp_path_factory.mktemp("denoiser-run")
     cfg = load_config(DenoiserRunConfig, None, tiny_denoiser_overrides(out, trained_vae, steps=30))

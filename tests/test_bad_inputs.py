@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from conftest import PickleTrap, tiny_denoiser_overrides, tiny_vae_overrides
 from ldm_cli.cli import app
-from ldm_cli.faces import draw_face
+from ldm_cli.data.faces import draw_face
 
 runner = CliRunner()
 
@@ -63,46 +63,46 @@ def face_folder(folder: Path, count: int = 40) -> Path:
     return folder
 
 
-def test_missing_config_file(keep):
+def test_missing_config_file_exits_2_naming_the_file(keep):
     expect(ldm("train-vae", "--config", keep / "none.toml", "--out", keep / "run"), 2, "none.toml", "config file not found")
 
 
-def test_unknown_key(keep):
+def test_unknown_config_key_exits_2_naming_the_dotted_key(keep):
     cfg = keep / "c.toml"
     cfg.write_text("[model]\nlatent_chanels = 4\n")
     expect(ldm("train-vae", "--config", cfg, "--out", keep / "run"), 2, "model.latent_chanels: unknown key")
 
 
-def test_wrong_type(keep):
+def test_wrongly_typed_config_value_exits_2_naming_key_type_and_value(keep):
     cfg = keep / "c.toml"
     cfg.write_text("[train]\nbatch_size = 'big'\n")
     expect(ldm("train-vae", "--config", cfg, "--out", keep / "run"), 2, "train.batch_size", "integer", "'big'")
 
 
 @pytest.mark.parametrize("steps", ["0", "-3"])
-def test_zero_or_negative_steps(keep, steps):
+def test_zero_or_negative_max_steps_exit_2_asking_for_more_than_0(keep, steps):
     expect(ldm("train-vae", "--max-steps", steps, "--out", keep / "run"), 2, "train.max_steps", "greater than 0")
 
 
-def test_override_for_missing_key(keep):
+def test_set_override_of_missing_key_exits_2_saying_no_such_key(keep):
     expect(ldm("train-vae", "--set", "optim.learning_rate=1e-3", "--out", keep / "run"), 2,
            "--set optim.learning_rate: no such key")
 
 
 @pytest.mark.parametrize("strength", ["0", "1.01", "-0.5"])
-def test_strength_outside_unit_interval(keep, trained_denoiser, strength):
+def test_reimagine_strength_outside_0_1_exits_2_naming_the_interval(keep, trained_denoiser, strength):
     image = keep / "face.png"
     draw_face(0, 16).save(image)
     expect(ldm("reimagine", "--checkpoint", trained_denoiser, "--image", image, "--strength", strength,
                "--out", keep / "re"), 2, f"--strength {float(strength)}", "(0, 1]")
 
 
-def test_steps_above_T(keep, trained_denoiser):
+def test_sample_steps_above_T_exit_2_naming_T(keep, trained_denoiser):
     expect(ldm("sample", "--checkpoint", trained_denoiser, "--ddim", "--steps", 1000, "--out", keep / "s"), 2,
            "--steps 1000", "T = 50")
 
 
-def test_folder_with_no_images(keep):
+def test_data_folder_with_no_images_exits_2_naming_the_folder(keep):
     empty = keep / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no images here")
@@ -146,7 +146,7 @@ def test_decompression_bomb_is_skipped_and_refused_as_image(keep, monkeypatch):
     assert "skipped" in result.stderr and "bomb.png" in result.stderr
 
 
-def test_vae_given_where_denoiser_expected_and_reverse(keep, trained_vae, trained_denoiser):
+def test_swapped_vae_and_denoiser_checkpoints_exit_2_naming_both_kinds(keep, trained_vae, trained_denoiser):
     expect(ldm("sample", "--checkpoint", trained_vae, "--out", keep / "s"), 2,
            "is a vae checkpoint, expected a denoiser checkpoint")
     expect(ldm("reconstruct", "--vae", trained_denoiser, "--out", keep / "r.png"), 2,
@@ -155,14 +155,14 @@ def test_vae_given_where_denoiser_expected_and_reverse(keep, trained_vae, traine
            "is a denoiser checkpoint, expected a vae checkpoint")
 
 
-def test_denoiser_latent_shape_does_not_fit_vae(keep, trained_vae):
+def test_denoiser_latent_shape_not_fitting_the_vae_exits_2_before_any_output(keep, trained_vae):
     expect(ldm("train-denoiser", *sets(tiny_denoiser_overrides(keep / "d", trained_vae, 2) + ["model.latent_channels=3"])),
            2, "(3, 8, 8)", "(2, 8, 8)")
     assert not (keep / "d").exists()
 
 
 @pytest.mark.parametrize("content", ["truncated", "random"])
-def test_truncated_or_random_safetensors(keep, trained_denoiser, content):
+def test_truncated_or_random_safetensors_exit_2_as_unreadable(keep, trained_denoiser, content):
     bad = keep / f"{content}.safetensors"
     data = trained_denoiser.read_bytes()
     bad.write_bytes(data[: len(data) // 3] if content == "truncated" else np.random.default_rng(0).bytes(4096))
@@ -177,7 +177,7 @@ def test_pickle_given_as_checkpoint_is_never_unpickled(keep):
     assert not marker.exists()
 
 
-def test_output_directory_not_writable(keep, trained_denoiser):
+def test_unwritable_output_directory_exits_2_saying_cannot_write(keep, trained_denoiser):
     expect(ldm("train-vae", *sets(tiny_vae_overrides("/sys/ldm-run", 2))), 2, "/sys", "cannot write")
     expect(ldm("sample", "--checkpoint", trained_denoiser, "--out", "/sys/ldm-samples"), 2, "cannot write")
 

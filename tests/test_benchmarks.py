@@ -19,13 +19,13 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without a GPU")
-def test_refuses_without_gpu():
+def test_gpu_benchmark_exits_2_without_a_gpu():
     done = run()
     assert done.returncode == 2
     assert "no CUDA GPU found" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_runs_on_tiny_cpu_shapes():
+def test_gpu_benchmark_reports_positive_rates_on_tiny_cpu_shapes():
     done = run("--allow-cpu", "--tiny")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()

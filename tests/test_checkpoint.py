@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from conftest import PickleTrap
-from ldm_cli.checkpoint import load_model, save_model
 from ldm_cli.config import VAEModelConfig
 from ldm_cli.errors import CheckpointError
+from ldm_cli.modelfiles.format import load_model, save_model
 from ldm_cli.models.vae import VAE
 
 
@@ -31,7 +31,7 @@ def test_round_trip_keeps_tensors_and_metadata(tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "the temporary file must be renamed away"
 
 
-def test_prefixed_parts(tmp_path):
+def test_prefixed_tensor_names_are_split_into_parts(tmp_path):
     path = save_model(tmp_path / "m.safetensors", "denoiser",
                       {"vae.w": torch.ones(2), "denoiser.w": torch.zeros(3)}, {})
     loaded = load_model(path, "denoiser")
@@ -44,7 +44,7 @@ def test_wrong_kind_is_named(tmp_path):
         load_model(path, "denoiser")
 
 
-def test_missing_truncated_random_and_foreign_files(tmp_path):
+def test_missing_truncated_random_and_foreign_files_are_refused_saying_why(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         load_model(tmp_path / "nope.safetensors", "vae")
     good = save_model(tmp_path / "good.safetensors", "vae", small_vae().state_dict(), {})

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 
 from conftest import tiny_denoiser_overrides, tiny_vae_overrides
 from ldm_cli.cli import app
-from ldm_cli.faces import draw_face
-from ldm_cli.schedules import NoiseSchedule
+from ldm_cli.data import load_image_file, to_float
+from ldm_cli.data.faces import draw_face
+from ldm_cli.diffusion.schedules import NoiseSchedule
 
 runner = CliRunner()
 
@@ -65,7 +66,7 @@ def test_config_errors_are_one_line_each(tmp_path):
     assert not (tmp_path / "run").exists(), "nothing is written for a bad config"
 
 
-def test_bad_overrides_and_missing_config(tmp_path):
+def test_bad_override_zero_max_steps_and_missing_config_exit_2(tmp_path):
     assert_usage_error(ldm("train-vae", "--set", "train.nope=1"), "--set train.nope: no such key")
     assert_usage_error(ldm("train-vae", "--max-steps", "0", "--out", tmp_path / "r"), "train.max_steps", "greater than 0")
     assert_usage_error(ldm("train-vae", "--config", tmp_path / "missing.toml"), "config file not found")
@@ -77,7 +78,7 @@ def test_missing_data_source_exits_2(tmp_path):
     assert_usage_error(result, str(tmp_path / "nowhere"))
 
 
-def test_train_vae_then_refuse_to_clobber(tmp_path):
+def test_train_vae_exports_then_refuses_to_overwrite_the_run(tmp_path):
     out = tmp_path / "run"
     result = ldm("train-vae", *sets(tiny_vae_overrides(out, 3)))
     assert result.exit_code == 0, result.output
@@ -107,7 +108,7 @@ def test_reconstruct_refuses_wrong_kind_and_garbage(trained_denoiser, tmp_path):
     assert_usage_error(ldm("reconstruct", "--vae", junk, "--out", tmp_path / "x.png"), "not a readable safetensors")
 
 
-def test_schedule_plot_table_and_warning(tmp_path):
+def test_schedule_plot_prints_table_and_note_and_writes_csv_and_png(tmp_path):
     result = ldm("schedule-plot", "--timesteps", 10, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     assert "0.90" in result.output.replace("0.89", "0.90") and "note:" in result.output
@@ -121,7 +122,7 @@ def test_schedule_plot_table_and_warning(tmp_path):
         img.verify()
 
 
-def test_schedule_plot_noised_latents(trained_vae, face_png, tmp_path):
+def test_schedule_plot_draws_noised_latents_and_needs_vae_with_image(trained_vae, face_png, tmp_path):
     result = ldm("schedule-plot", "--timesteps", 10, "--vae", trained_vae, "--image", face_png, "--out", tmp_path)
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "noised-latents.png") as grid:
@@ -163,7 +164,7 @@ def test_sample_ddpm_differs_by_seed(trained_denoiser, tmp_path):
     assert (tmp_path / "1/images/000000.png").read_bytes() != (tmp_path / "2/images/000000.png").read_bytes()
 
 
-def test_sample_argument_errors(trained_denoiser, trained_vae, tmp_path):
+def test_sample_refuses_steps_for_ddpm_steps_above_T_unknown_sampler_and_a_vae(trained_denoiser, trained_vae, tmp_path):
     base = ["sample", "--checkpoint", trained_denoiser, "--out", tmp_path]
     assert_usage_error(ldm(*base, "--steps", 10), "ddpm sampler uses every timestep")
     assert_usage_error(ldm(*base, "--ddim", "--steps", 51), "--steps 51", "T = 50")
@@ -172,7 +173,7 @@ def test_sample_argument_errors(trained_denoiser, trained_vae, tmp_path):
                        "is a vae checkpoint, expected a denoiser checkpoint")
 
 
-def test_reimagine_grid_and_strength_validation(trained_denoiser, face_png, tmp_path):
+def test_reimagine_writes_grids_and_refuses_bad_strength_existing_output_missing_image(trained_denoiser, face_png, tmp_path):
     result = ldm("reimagine", "--checkpoint", trained_denoiser, "--image", face_png, "--steps", 8,
                  "--num-seeds", 2, "--out", tmp_path)
     assert result.exit_code == 0, result.output
@@ -190,18 +191,50 @@ def test_reimagine_grid_and_strength_validation(trained_denoiser, face_png, tmp_
 
 
 def test_reimagine_ddim_is_deterministic_and_ddpm_varies(trained_denoiser, face_png, tmp_path, monkeypatch):
-    import ldm_cli.generate as generate
+    import ldm_cli.commands.reimagine as reimagine
 
     outputs: dict[str, list] = {}
-    real_sample = generate.sample
+    real_sample = reimagine.sample
 
     def recording_sample(model, schedule, shape, **kwargs):
         z = real_sample(model, schedule, shape, **kwargs)
         outputs.setdefault(kwargs["sampler"], []).append(z)
         return z
 
-    monkeypatch.setattr(generate, "sample", recording_sample)
-    generate.run_reimagine(trained_denoiser, face_png, tmp_path, strengths=[0.5], steps=8, num_seeds=2)
+    monkeypatch.setattr(reimagine, "sample", recording_sample)
+    reimagine.run_reimagine(trained_denoiser, face_png, tmp_path, strengths=[0.5], steps=8, num_seeds=2)
     ddpm, ddim = outputs["ddpm"][0], outputs["ddim"][0]
     assert torch.equal(ddim[0], ddim[1]), "DDIM from the same noised latent is deterministic"
     assert not torch.allclose(ddpm[0], ddpm[1]), "DDPM differs with the seed"
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_reimagine_forward_noise_is_independent_of_every_reverse_chain(trained_denoiser, face_png, tmp_path,
+                                                                       monkeypatch, seed):
+    """The ε that noises the image must not be the noise a DDPM chain then draws: with a
+    shared stream, the first reverse step re-adds the very ε already in z_t."""
+    import ldm_cli.commands.reimagine as reimagine
+    from ldm_cli.modelfiles.bundles import load_denoiser
+
+    calls: list[dict] = []
+    real_sample = reimagine.sample
+
+    def recording_sample(model, schedule, shape, **kwargs):
+        if kwargs["sampler"] == "ddpm":  # copy the chains' generators before they are used
+            calls.append({**kwargs, "generator": [torch.Generator().set_state(g.get_state())
+                                                  for g in kwargs["generator"]]})
+        return real_sample(model, schedule, shape, **kwargs)
+
+    monkeypatch.setattr(reimagine, "sample", recording_sample)
+    reimagine.run_reimagine(trained_denoiser, face_png, tmp_path, strengths=[0.5, 1.0], steps=8, num_seeds=3,
+                            seed=seed, device=torch.device("cpu"))
+    bundle = load_denoiser(trained_denoiser)
+    z0 = bundle.vae.encode(to_float(load_image_file(face_png, bundle.vae.resolution).unsqueeze(0)))
+    for call in calls:
+        t = call["t_start"]
+        alpha_bar = bundle.schedule.alpha_bar_at(t)
+        eps = (call["z_start"][0] - alpha_bar**0.5 * z0[0]) / (1 - alpha_bar) ** 0.5  # the forward noise
+        for generator in call["generator"]:
+            first_reverse_noise = torch.randn(eps.shape, generator=generator)
+            correlation = torch.corrcoef(torch.stack((eps.flatten(), first_reverse_noise.flatten())))[0, 1]
+            assert abs(correlation) < 0.5, f"forward noise reused by a reverse chain (t={t}, r={correlation:.3f})"

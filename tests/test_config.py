@@ -24,7 +24,7 @@ def write(tmp_path: Path, text: str) -> Path:
     return path
 
 
-def test_packaged_configs_validate():
+def test_packaged_configs_load_with_consistent_downsample_factor():
     for name, schema in [("quickstart/vae.toml", VAERunConfig), ("vae.toml", VAERunConfig)]:
         cfg = load_config(schema, packaged_config(name))
         assert cfg.model.downsample_factor == 2 ** (len(cfg.model.channel_mults) - 1)
@@ -42,7 +42,7 @@ def test_unknown_key_names_file_and_dotted_key(tmp_path):
     assert str(err.value) == f"{path}: train.max_stepz: unknown key"
 
 
-def test_unknown_section(tmp_path):
+def test_unknown_section_is_reported_as_an_unknown_key(tmp_path):
     path = write(tmp_path, "[trian]\nmax_steps = 3\n")
     with pytest.raises(ConfigError, match=r"trian: unknown key"):
         load_config(VAERunConfig, path)
@@ -64,13 +64,13 @@ def test_every_problem_gets_its_own_line(tmp_path):
     assert all(line.startswith(str(path)) for line in err.value.problems)
 
 
-def test_inconsistent_downsample_factor(tmp_path):
+def test_downsample_factor_inconsistent_with_channel_mults_is_refused(tmp_path):
     path = write(tmp_path, "[model]\nchannel_mults = [1, 2]\ndownsample_factor = 4\n")
     with pytest.raises(ConfigError, match="downsample_factor 4 needs 3 levels, but channel_mults has 2"):
         load_config(VAERunConfig, path)
 
 
-def test_missing_and_malformed_files(tmp_path):
+def test_missing_or_malformed_toml_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(VAERunConfig, tmp_path / "nope.toml")
     bad = write(tmp_path, "[train\nmax_steps = 3")
@@ -98,7 +98,7 @@ def test_override_of_missing_key_lists_known_keys():
         parse_override("train.max_steps")
 
 
-def test_flag_updates_win_over_file(tmp_path):
+def test_flag_values_win_over_set_overrides_and_the_file(tmp_path):
     path = write(tmp_path, "[train]\nmax_steps = 3\n")
     cfg = load_config(VAERunConfig, path, ["train.max_steps=4"], {"train.max_steps": 5, "output.dir": "x"})
     assert cfg.train.max_steps == 5 and cfg.output.dir == "x"

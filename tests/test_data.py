@@ -13,21 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_cli import data
 from ldm_cli.config import DataConfig
-from ldm_cli.data import (
-    ImageSet,
-    cache_dir_for,
-    load_image_file,
-    load_images,
-    preprocess,
-    random_flip,
-    split_indices,
-    to_float,
-    to_uint8,
-)
+from ldm_cli.data import decoding
+from ldm_cli.data.cache import ImageSet, cache_dir_for, load_images, split_indices
+from ldm_cli.data.decoding import load_image_file, preprocess
+from ldm_cli.data.faces import draw_face, draw_faces, face_rng, render_face, sample_face
+from ldm_cli.data.pixels import random_flip, to_float, to_uint8
 from ldm_cli.errors import DataError
-from ldm_cli.faces import draw_face, draw_faces, face_rng, render_face, sample_face
 
 # A few distinct, flat colours: easy to recognise after resizing and JPEG.
 COLORS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 210, 40), (200, 40, 200), (40, 200, 200)]
@@ -63,15 +55,15 @@ def no_real_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture
 def decode_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts calls to `data.decode_image`; the count is `counter[0]`."""
+    """Counts calls to `decoding.decode_image`; the count is `counter[0]`."""
     counter = [0]
-    real = data.decode_image
+    real = decoding.decode_image
 
     def counting(blob: bytes, resolution: int) -> np.ndarray:
         counter[0] += 1
         return real(blob, resolution)
 
-    monkeypatch.setattr(data, "decode_image", counting)
+    monkeypatch.setattr(decoding, "decode_image", counting)
     return counter
 
 
@@ -100,7 +92,7 @@ def test_faces_are_deterministic_by_seed_and_index() -> None:
     assert all(not np.array_equal(a, b) for a, b in zip(first, other))
 
 
-def test_faces_vary() -> None:
+def test_faces_differ_pairwise_and_cover_every_hair_style_and_mouth() -> None:
     faces = draw_faces(64, 32).astype(np.float64)
     assert faces.std(axis=0).mean() > 40  # pixel spread across images
     flat = faces.reshape(64, -1)
@@ -168,7 +160,7 @@ def test_palette_transparency_becomes_white() -> None:
     assert (preprocess(image, 8) == [200, 0, 0]).all()
 
 
-def test_cmyk_is_converted() -> None:
+def test_cmyk_is_converted_to_the_matching_rgb() -> None:
     assert (preprocess(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), 8) == 255).all()
     assert (preprocess(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), 8) == [255, 0, 0]).all()
 
@@ -179,13 +171,13 @@ def test_16_bit_is_scaled_not_clipped(mode: str) -> None:
     dtype = {"I;16": "<u2", "I;16B": ">u2", "I": "<i4"}[mode]
     image = Image.frombytes(mode, (16, 4), values.astype(dtype).tobytes())
     assert image.mode == mode
-    out = np.asarray(data.to_rgb(image))  # no resizing, so the values stay exact
+    out = np.asarray(decoding.to_rgb(image))  # no resizing, so the values stay exact
     assert out.shape == (4, 16, 3)
     assert list(out[0, ::4, 0]) == [0, 128, 255, 10]
     assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
 
 
-def test_16_bit_png_file_is_scaled(tmp_path: Path) -> None:
+def test_16_bit_png_file_is_scaled_to_8_bit(tmp_path: Path) -> None:
     path = tmp_path / "deep.png"
     Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16)).save(path)
     assert (load_image_file(path, 8) == 255).all()
@@ -218,12 +210,12 @@ def test_non_square_images_are_center_cropped(size: tuple[int, int]) -> None:
     assert (out == [255, 0, 0]).all()
 
 
-def test_upscaling_a_small_image_works() -> None:
+def test_small_image_is_upscaled_keeping_its_colour() -> None:
     out = preprocess(solid((10, 20, 30), (5, 7)), 16)
     assert out.shape == (16, 16, 3) and (np.abs(out.astype(int) - [10, 20, 30]) <= 1).all()
 
 
-def test_load_image_file(tmp_path: Path) -> None:
+def test_load_image_file_gives_uint8_chw_and_names_missing_or_junk_files(tmp_path: Path) -> None:
     path = tmp_path / "one.png"
     solid(COLORS[0], (30, 50)).save(path)
     out = load_image_file(path, 16)
@@ -280,7 +272,7 @@ def test_folder_source_is_recursive_with_mixed_extensions(tmp_path: Path) -> Non
     assert_colors(images, list(files.values()))
 
 
-def test_zip_source(tmp_path: Path) -> None:
+def test_zip_source_reads_nested_images_and_ignores_folders_text_and_macos_forks(tmp_path: Path) -> None:
     archive = tmp_path / "imgs.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for i, (name, fmt) in enumerate([("x/one.png", "PNG"), ("x/y/two.JPG", "JPEG"), ("three.bmp", "BMP")]):
@@ -295,7 +287,7 @@ def test_zip_source(tmp_path: Path) -> None:
     assert_colors(images, COLORS[:3])
 
 
-def test_builtin_faces_source(tmp_path: Path) -> None:
+def test_builtin_faces_source_gives_the_seeded_faces_split_by_split_indices(tmp_path: Path) -> None:
     cfg = config("builtin:faces", tmp_path, resolution=32, builtin_size=40, seed=7, holdout_fraction=0.1)
     images = load_images(cfg)
     assert len(images) == 36 and len(images.holdout) == 4 and images.skipped == 0
@@ -364,7 +356,7 @@ def test_decompression_bomb_warning_alone_is_an_error(monkeypatch: pytest.Monkey
     buffer = io.BytesIO()
     solid(COLORS[0], (50, 50)).save(buffer, format="PNG")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)
-    with data.bombs_are_errors(), pytest.raises(Image.DecompressionBombWarning):
+    with decoding.bombs_are_errors(), pytest.raises(Image.DecompressionBombWarning):
         Image.open(io.BytesIO(buffer.getvalue()))
 
 
@@ -476,7 +468,7 @@ def test_a_damaged_cache_is_rebuilt(tmp_path: Path, decode_counter: list[int]) -
     assert torch.equal(first, second.train)
 
 
-def test_cache_dir_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_dir_is_config_then_ldm_cache_dir_then_home_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cache_dir_for(DataConfig(cache_dir=str(tmp_path / "c"))) == tmp_path / "c"
     monkeypatch.setenv("LDM_CACHE_DIR", str(tmp_path / "env"))
     assert cache_dir_for(DataConfig()) == tmp_path / "env"
@@ -515,7 +507,7 @@ def test_split_is_deterministic_disjoint_and_complete() -> None:
     ("n", "fraction", "k"),
     [(100, 0.05, 5), (10, 0.01, 1), (2, 0.01, 1), (1, 0.5, 0), (50, 0.0, 0), (3, 0.9, 2)],
 )
-def test_holdout_size(n: int, fraction: float, k: int) -> None:
+def test_holdout_takes_at_least_one_image_when_asked_but_never_all(n: int, fraction: float, k: int) -> None:
     assert len(split_indices(n, fraction, 0)[1]) == k
 
 
@@ -538,7 +530,7 @@ def test_train_and_holdout_never_overlap(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- tensors
 
 
-def test_to_float_and_to_uint8_round_trip() -> None:
+def test_to_uint8_inverts_to_float_and_clamps_out_of_range_and_nan() -> None:
     every = torch.arange(256, dtype=torch.uint8)
     floats = to_float(every)
     assert floats.dtype == torch.float32 and floats.min() == -1.0 and floats.max() == 1.0

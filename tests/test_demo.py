@@ -7,7 +7,7 @@ import re
 from PIL import Image
 
 from conftest import tiny_denoiser_overrides, tiny_vae_overrides
-from ldm_cli.demo import demo_vae_config, run_demo
+from ldm_cli.commands.demo import demo_vae_config, run_demo
 
 STAGES = ["train-vae", "reconstruct", "schedule-plot", "train-denoiser", "sample-ddpm", "sample-ddim", "reimagine"]
 

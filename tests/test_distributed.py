@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from conftest import tiny_denoiser_overrides, tiny_vae_overrides
-from ldm_cli import rundir
 from ldm_cli.config import VAERunConfig, load_config
-from ldm_cli.train_vae import train_vae
-from ldm_cli.training import weights_digest
+from ldm_cli.training import rundir
+from ldm_cli.training.state import weights_digest
+from ldm_cli.training.vae_task import train_vae
 
 LAUNCH_TIMEOUT_S = 240
 
@@ -100,7 +100,7 @@ def two_process_vae(tmp_path_factory, _private_cache):
     return run, proc, env
 
 
-def test_two_processes_train_one_vae(two_process_vae):
+def test_two_processes_split_the_batch_and_agree_on_one_vae(two_process_vae):
     run, proc, _ = two_process_vae
     assert "2 process(es) × 8 × 1 accumulation" in proc.stderr, "global batch 16 split over two ranks"
     assert ", 2 process(es))" in proc.stdout
@@ -122,7 +122,7 @@ def test_torchrun_resumes_the_two_process_run(two_process_vae, tmp_path):
     assert_one_set_of_outputs(run, proc, "vae.safetensors", 12, previews=[8, 10, 12])
 
 
-def test_two_processes_train_one_denoiser(trained_vae, tmp_path, _private_cache):
+def test_two_processes_split_the_batch_and_agree_on_one_denoiser(trained_vae, tmp_path, _private_cache):
     run = tmp_path / "den"
     env = launch_env(_private_cache, tmp_path / "hf-home")
     sets = tiny_denoiser_overrides(run, trained_vae, steps=6) + ["logging.checkpoint_every=3"]
@@ -135,7 +135,7 @@ def test_two_processes_train_one_denoiser(trained_vae, tmp_path, _private_cache)
     assert_one_set_of_outputs(run, proc, "denoiser.safetensors", 6, previews=[6], extra={rundir.LATENT_CACHE})
 
 
-def test_single_process_checkpoint_records_itself(tmp_path):
+def test_single_process_checkpoint_holds_its_own_rank_record(tmp_path):
     run = tmp_path / "run"
     train_vae(load_config(VAERunConfig, None, tiny_vae_overrides(run, steps=2)))
     assert_ranks_agree(rundir.latest_checkpoint(run), world=1)
@@ -153,13 +153,14 @@ def test_weights_digest_sees_every_bit():
 DESYNC_SCRIPT = '''
 import sys
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldm_cli.config import VAERunConfig, load_config
-from ldm_cli.training import TrainTask, train
+from ldm_cli.training.loop import TrainTask, train
 
 run = Path(sys.argv[1])
 
@@ -175,12 +176,16 @@ def build(accelerator):
         return F.mse_loss(model(batch[:, :4]), batch[:, 4:]), {}
 
     return TrainTask(name="toy", model=nn.Linear(4, 1), num_examples=64, get_batch=lambda i: data[i], loss=loss,
-                     export=lambda model, run_dir: (run_dir / "toy.txt").write_text("ok"))
+                     export=lambda model, path: path.write_text("ok"))
 
 
-config = load_config(VAERunConfig, None, [f"output.dir='{run}'", "train.max_steps=4", "train.batch_size=8",
+class ToyRunConfig(VAERunConfig):
+    task_name: ClassVar[str] = "toy"
+
+
+config = load_config(ToyRunConfig, None, [f"output.dir='{run}'", "train.max_steps=4", "train.batch_size=8",
                                           "logging.checkpoint_every=2"])
-train(build, config, run, export_name="toy.txt")
+train(build, config)
 '''
 
 

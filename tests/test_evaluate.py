@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from ldm_cli import evaluate as ev
+from ldm_cli.commands import evaluate as ev
+from ldm_cli.data.faces import draw_face
 from ldm_cli.errors import UsageError
-from ldm_cli.faces import draw_face
-from ldm_cli.features import INCEPTION_FILE, FeatureNetwork, load_inception, read_state_dict
+from ldm_cli.evaluation import distances
+from ldm_cli.evaluation.features import INCEPTION_FILE, FeatureNetwork, load_inception, read_state_dict
 
 RES = 16
 
@@ -136,7 +137,7 @@ def test_frechet_distance_of_diagonal_gaussians_is_closed_form():
     a = torch.rand(6, generator=g, dtype=torch.float64) + 0.1
     b = torch.rand(6, generator=g, dtype=torch.float64) + 0.1
     expected = (mu1 - mu2).pow(2).sum() + (a + b - 2 * (a * b).sqrt()).sum()
-    assert ev.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(float(expected), rel=1e-10)
+    assert distances.frechet_distance(mu1, torch.diag(a), mu2, torch.diag(b)) == pytest.approx(float(expected), rel=1e-10)
 
 
 def test_frechet_distance_of_non_commuting_2d_gaussians_is_closed_form():
@@ -146,7 +147,7 @@ def test_frechet_distance_of_non_commuting_2d_gaussians_is_closed_form():
     mu1, mu2 = torch.tensor([0.5, -1.0], dtype=torch.float64), torch.tensor([2.0, 0.25], dtype=torch.float64)
     tr_sqrt = math.sqrt(float((s1 @ s2).trace()) + 2 * math.sqrt(float(torch.det(s1) * torch.det(s2))))
     expected = float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace()) - 2 * tr_sqrt
-    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
+    assert distances.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-10)
 
 
 def test_frechet_distance_matches_general_eigenvalues_in_higher_dimension():
@@ -155,23 +156,23 @@ def test_frechet_distance_matches_general_eigenvalues_in_higher_dimension():
     eigenvalues = np.linalg.eigvals((s1 @ s2).numpy())  # non-symmetric product: real, non-negative eigenvalues
     tr_sqrt = np.sqrt(np.clip(eigenvalues.real, 0, None)).sum()
     expected = float((mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace()) - 2 * tr_sqrt
-    assert ev.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+    assert distances.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
 
 
 def test_frechet_distance_is_zero_on_itself_and_symmetric_even_when_singular():
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(10, 30, generator=g), torch.randn(12, 30, generator=g) + 0.5  # rank < D: singular Σ
-    mx, sx = ev.gaussian_stats(x)
-    my, sy = ev.gaussian_stats(y)
-    assert abs(ev.frechet_distance(mx, sx, mx, sx)) < 1e-8
-    assert ev.frechet_distance(mx, sx, my, sy) == pytest.approx(ev.frechet_distance(my, sy, mx, sx), rel=1e-9)
-    assert ev.frechet_distance(mx, sx, my, sy) > 1.0
+    mx, sx = distances.gaussian_stats(x)
+    my, sy = distances.gaussian_stats(y)
+    assert abs(distances.frechet_distance(mx, sx, mx, sx)) < 1e-8
+    assert distances.frechet_distance(mx, sx, my, sy) == pytest.approx(distances.frechet_distance(my, sy, mx, sx), rel=1e-9)
+    assert distances.frechet_distance(mx, sx, my, sy) > 1.0
 
 
 def test_gaussian_stats_in_chunks_match_numpy(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(ev, "STATS_CHUNK", 7)
+    monkeypatch.setattr(distances, "STATS_CHUNK", 7)
     x = torch.randn(50, 5, generator=torch.Generator().manual_seed(2)) * 3 + 10
-    mu, sigma = ev.gaussian_stats(x)
+    mu, sigma = distances.gaussian_stats(x)
     np.testing.assert_allclose(mu.numpy(), x.double().numpy().mean(0), rtol=1e-12)
     np.testing.assert_allclose(sigma.numpy(), np.cov(x.double().numpy(), rowvar=False), rtol=1e-10)
 
@@ -190,14 +191,14 @@ def test_mmd2_unbiased_matches_a_direct_sum():
     xx = sum(k(x[i], x[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     yy = sum(k(y[i], y[j]) for i in range(m) for j in range(m) if i != j) / (m * (m - 1))
     xy = sum(k(x[i], y[j]) for i in range(m) for j in range(m)) / (m * m)
-    assert ev.mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
+    assert distances.mmd2_unbiased(x, y) == pytest.approx(xx + yy - 2 * xy, rel=1e-12)
 
 
 def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shifted_one():
     g = torch.Generator().manual_seed(1)
     x, y = torch.randn(400, 16, generator=g), torch.randn(400, 16, generator=g)
-    same_mean, same_std = ev.kernel_distance(x, y, subsets=50, subset_size=200)
-    shifted_mean, shifted_std = ev.kernel_distance(x, y + 0.5, subsets=50, subset_size=200)
+    same_mean, same_std = distances.kernel_distance(x, y, subsets=50, subset_size=200)
+    shifted_mean, shifted_std = distances.kernel_distance(x, y + 0.5, subsets=50, subset_size=200)
     assert abs(same_mean) < 3 * same_std + 1e-3
     assert shifted_mean > 10 * max(same_std, abs(same_mean))
     assert shifted_mean > 5 * shifted_std
@@ -207,20 +208,20 @@ def test_kid_is_near_zero_for_one_distribution_and_positive_for_a_shifted_one():
 
 
 def test_knn_radii_match_brute_force(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(ev, "DISTANCE_CHUNK", 6)
+    monkeypatch.setattr(distances, "DISTANCE_CHUNK", 6)
     x = torch.randn(20, 4, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     brute = torch.cdist(x, x).sort(dim=1).values[:, 3]  # column 0 is the point itself
-    torch.testing.assert_close(ev.knn_radii(x, k=3), brute, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(distances.knn_radii(x, k=3), brute, rtol=1e-9, atol=1e-9)
 
 
-def test_precision_and_recall_sanity():
+def test_precision_recall_is_one_on_copies_zero_far_away_and_half_when_half_off():
     g = torch.Generator().manual_seed(4)
     real = torch.randn(60, 8, generator=g)
-    assert ev.precision_recall(real, real.clone()) == (1.0, 1.0)
-    assert ev.precision_recall(real, real + 100.0) == (0.0, 0.0)
+    assert distances.precision_recall(real, real.clone()) == (1.0, 1.0)
+    assert distances.precision_recall(real, real + 100.0) == (0.0, 0.0)
     # Half the fakes on the real data, half far away: precision ½; the fakes cover what they sit on.
     fake = torch.cat([real[:30], real[30:] + 100.0])
-    precision, recall = ev.precision_recall(real, fake)
+    precision, recall = distances.precision_recall(real, fake)
     assert precision == pytest.approx(0.5)
     assert 0.4 <= recall < 1.0
 
@@ -228,7 +229,7 @@ def test_precision_and_recall_sanity():
 # --------------------------------------------------------------------------- end to end, tiny network
 
 
-def test_evaluate_end_to_end_and_reference_cache_reuse(tiny_net, faces_a, faces_b, solids, private_cache,
+def test_evaluate_ranks_similar_above_different_and_reuses_cached_reference(tiny_net, faces_a, faces_b, solids, private_cache,
                                                        monkeypatch: pytest.MonkeyPatch):
     fed: list[int] = []
     original_call = FeatureNetwork.__call__
@@ -300,7 +301,7 @@ def assert_one_line(err: pytest.ExceptionInfo, *fragments: str) -> None:
         assert fragment in message
 
 
-def test_samples_folder_missing_empty_or_single(tiny_net, faces_a, tmp_path):
+def test_missing_empty_or_one_image_samples_folder_is_a_usage_error(tiny_net, faces_a, tmp_path):
     with pytest.raises(UsageError) as err:
         evaluate(tmp_path / "nowhere", faces_a, tiny_net)
     assert_one_line(err, "nowhere", "no such folder")
@@ -314,7 +315,7 @@ def test_samples_folder_missing_empty_or_single(tiny_net, faces_a, tmp_path):
     assert_one_line(err, str(one), "at least 2")
 
 
-def test_reference_with_a_single_image_or_bad_source(tiny_net, faces_a, tmp_path):
+def test_one_image_or_missing_reference_is_a_usage_error(tiny_net, faces_a, tmp_path):
     one = write_faces(tmp_path / "one-ref", 1, seed=0)
     with pytest.raises(UsageError) as err:
         evaluate(faces_a, one, tiny_net)
@@ -333,7 +334,7 @@ def test_missing_default_inception_weights_name_the_path(faces_a, tmp_path, monk
     assert err.value.exit_code == 2
 
 
-def test_missing_weights_or_features_files(faces_a, tmp_path):
+def test_missing_weights_or_features_file_is_a_usage_error_naming_it(faces_a, tmp_path):
     with pytest.raises(UsageError) as err:
         ev.run_evaluate(faces_a, str(faces_a), inception_weights=tmp_path / "gone.pth", device="cpu")
     assert_one_line(err, "gone.pth", "no such file")
@@ -356,7 +357,7 @@ def test_invalid_features_files_are_usage_errors(faces_a, tmp_path):
     assert_one_line(err, "fixed.pt", "failed on a batch of shape", "--features-size")
 
 
-def test_conflicting_and_invalid_options(tiny_net, faces_a, tmp_path):
+def test_features_with_inception_weights_zero_batch_or_one_reference_are_refused(tiny_net, faces_a, tmp_path):
     with pytest.raises(UsageError, match="pass only one"):
         ev.run_evaluate(faces_a, str(faces_a), features=tiny_net, inception_weights=tmp_path / "w.pth", device="cpu")
     with pytest.raises(UsageError, match="--batch-size"):

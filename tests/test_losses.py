@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ldm_cli.config import VAELossConfig
-from ldm_cli.image_metrics import ms_ssim, psnr, ssim
-from ldm_cli.losses import beta_at, reconstruction_loss, v_loss_weights, v_prediction_loss
+from ldm_cli.diffusion.parametrization import min_snr_weight, weighted_mse
+from ldm_cli.evaluation.image_metrics import ms_ssim, psnr, ssim
+from ldm_cli.training.vae_loss import beta_at, reconstruction_loss
 
 
 @pytest.mark.parametrize("shape", ["linear", "cosine", "exponential"])
@@ -31,7 +32,7 @@ def test_beta_midpoints_match_closed_forms():
     assert beta_at(5, VAELossConfig(beta_start=0.1, beta_final=0.2, beta_decay_steps=0)) == 0.2
 
 
-def test_psnr_closed_form():
+def test_psnr_matches_its_closed_form():
     x = torch.zeros(2, 3, 8, 8)
     y = x + torch.tensor([0.1, 0.2]).view(2, 1, 1, 1)
     expected = [10 * math.log10(4 / 0.01), 10 * math.log10(4 / 0.04)]
@@ -50,7 +51,7 @@ def test_ssim_is_one_for_equal_images_and_drops_with_noise():
     assert (ssim(shifted, x) > ssim(noisy, x)).all()
 
 
-def test_reconstruction_loss_mixes_structural_term():
+def test_reconstruction_loss_is_l1_or_mse_plus_weighted_one_minus_ssim():
     x = torch.zeros(1, 3, 16, 16)
     y = torch.full_like(x, 0.5)
     assert reconstruction_loss(x, y, VAELossConfig(reconstruction="l1")).item() == pytest.approx(0.5)
@@ -59,10 +60,10 @@ def test_reconstruction_loss_mixes_structural_term():
     assert mixed == pytest.approx(0.5 + 2.0 * (1 - ssim(y, x).item()), rel=1e-5)
 
 
-def test_min_snr_weights_for_v_targets():
+def test_min_snr_weight_is_min_snr_gamma_over_snr_plus_one_and_weights_mse():
     snr = torch.tensor([0.5, 5.0, 50.0])
-    assert v_loss_weights(snr, None).tolist() == [1.0, 1.0, 1.0]
-    assert v_loss_weights(snr, 5.0).tolist() == pytest.approx([0.5 / 1.5, 5 / 6, 5 / 51])
+    assert min_snr_weight(snr, None).tolist() == [1.0, 1.0, 1.0]
+    assert min_snr_weight(snr, 5.0).tolist() == pytest.approx([0.5 / 1.5, 5 / 6, 5 / 51])
     v = torch.zeros(3, 2)
     v_hat = torch.ones(3, 2)
-    assert v_prediction_loss(v_hat, v, torch.tensor([1.0, 0.0, 2.0])).item() == pytest.approx(1.0)
+    assert weighted_mse(v_hat, v, torch.tensor([1.0, 0.0, 2.0])).item() == pytest.approx(1.0)

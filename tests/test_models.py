@@ -11,7 +11,9 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from ldm_cli.config import UNetConfig, VAEModelConfig
-from ldm_cli.models import VAE, DiagonalGaussian, UNet, timestep_embedding
+from ldm_cli.models.unet import UNet, timestep_embedding
+from ldm_cli.models.vae import VAE, DiagonalGaussian
+
 
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
@@ -58,7 +60,7 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     [([1], 3, 1), ([1, 2], 4, 2), ([1, 2, 2], 8, 1), ([1, 1, 2, 2], 1, 1)],
     ids=["f1", "f2", "f4", "f8"],
 )
-def test_vae_shapes(mults: list[int], latent_channels: int, res_blocks: int) -> None:
+def test_vae_keeps_image_shape_and_shrinks_latents_by_its_downsample_factor(mults: list[int], latent_channels: int, res_blocks: int) -> None:
     torch.manual_seed(0)
     vae = tiny_vae(mults, latent_channels, res_blocks=res_blocks)
     f = 2 ** (len(mults) - 1)
@@ -173,7 +175,7 @@ def test_small_vae_overfits_a_fixed_batch() -> None:
 # --------------------------------------------------------------------------- timestep embedding
 
 
-def test_timestep_embedding_closed_form() -> None:
+def test_timestep_embedding_is_sin_then_cos_of_geometric_frequencies() -> None:
     t = torch.tensor([0, 1, 250, 999])
     dim = 8
     emb = timestep_embedding(t, dim)
@@ -285,7 +287,7 @@ def test_gradients_reach_every_parameter() -> None:
     assert missing == []
 
 
-def test_unet_channels_last_and_compile() -> None:
+def test_unet_matches_under_channels_last_and_compiles_as_one_graph() -> None:
     """channels_last gives the same numbers; the forward traces as one graph (no graph
     break from data-dependent control flow) under torch.compile(fullgraph=True)."""
     torch.manual_seed(0)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -20,11 +21,11 @@ from safetensors.torch import save_file
 from torch import nn
 
 from conftest import tiny_vae_overrides
-from ldm_cli import rundir
 from ldm_cli.config import VAERunConfig, load_config
 from ldm_cli.errors import CheckpointError, LdmError
-from ldm_cli.train_vae import train_vae
-from ldm_cli.training import EXIT_PREEMPTED, TrainTask, load_checkpoint, train
+from ldm_cli.training import rundir
+from ldm_cli.training.loop import EXIT_PREEMPTED, TrainTask, train
+from ldm_cli.training.state import load_checkpoint
 
 TIMEOUT_S = 180
 
@@ -104,9 +105,15 @@ def test_sigterm_saves_exits_75_and_resume_is_exact(tmp_path):
 # --------------------------------------------------------------------------- a toy task for the loop itself
 
 
-def toy_config(run: Path, steps: int, *extra: str) -> VAERunConfig:
-    """Only .train, .optim, .logging and .output matter to `train()`."""
-    return load_config(VAERunConfig, None, [
+class ToyRunConfig(VAERunConfig):
+    """A run config whose export is `toy.safetensors`; only .train, .optim, .logging and
+    .output matter to `train()`."""
+
+    task_name: ClassVar[str] = "toy"
+
+
+def toy_config(run: Path, steps: int, *extra: str) -> ToyRunConfig:
+    return load_config(ToyRunConfig, None, [
         f"output.dir='{run}'", f"train.max_steps={steps}", "train.batch_size=8", "train.ema_decay=0.5",
         "optim.warmup_steps=1", "optim.lr=0.05", "logging.checkpoint_every=1", "logging.keep_checkpoints=100",
         *extra,
@@ -131,8 +138,8 @@ def toy_task(bad_steps=(), poison_at=None, on_build=None):
                     next(model.parameters()).fill_(math.inf)
             return (value * math.nan if step in bad_steps else value), {}
 
-        def export(model: nn.Module, run_dir: Path) -> None:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(run_dir / "toy.safetensors"))
+        def export(model: nn.Module, path: Path) -> None:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
 
         return TrainTask(name="toy", model=nn.Linear(4, 1), num_examples=64, get_batch=lambda i: data[i],
                          loss=loss, export=export)
@@ -141,8 +148,7 @@ def toy_task(bad_steps=(), poison_at=None, on_build=None):
 
 
 def train_toy(run: Path, steps: int, *extra: str, resume: bool = False, **task_kw):
-    return train(toy_task(**task_kw), toy_config(run, steps, *extra), run, resume=resume,
-                 export_name="toy.safetensors")
+    return train(toy_task(**task_kw), toy_config(run, steps, *extra), resume=resume)
 
 
 def assert_same_state(a: dict, b: dict) -> None:

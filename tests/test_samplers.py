@@ -1,6 +1,6 @@
 """Samplers: hand-computed steps, an exact Gaussian / mixture oracle, inversion, seeding.
 
-The oracle tests follow DESIGN.md ("Testing and measuring"): for Gaussian data, or a
+The oracle tests (docs/ARCHITECTURE.md, "How behaviour is tested"): for Gaussian data, or a
 mixture of Gaussians, the optimal denoiser is known in closed form, so a sampler
 driven by it must reproduce the data distribution — up to its own discretisation
 error, which for DDIM and DPM-Solver++ on Gaussian data is computed exactly here
@@ -15,19 +15,11 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from ldm_cli.diffusion.parametrization import predict_z0_eps
+from ldm_cli.diffusion.samplers import ddim_step, ddpm_step, dpm_solver_pp_2m_step, sampling_timesteps
+from ldm_cli.diffusion.sampling import ddim_invert, forward_noise, sample, sample_in_batches
+from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.errors import UsageError
-from ldm_cli.samplers import (
-    ddim_invert,
-    ddim_step,
-    ddpm_step,
-    dpm_solver_pp_2m_step,
-    forward_noise,
-    predict_z0_eps,
-    sample,
-    sample_in_batches,
-    sampling_timesteps,
-)
-from ldm_cli.schedules import NoiseSchedule
 
 
 @pytest.fixture(autouse=True)
@@ -93,7 +85,7 @@ def exact_affine_map(
 ) -> tuple[float, float]:
     """(A, B) such that DDIM(η=0) / DPM-Solver++(2M) with the Gaussian oracle maps z_start to A·z_start + B.
 
-    Plain-float transcription of DESIGN.md's DDIM formula and Lu et al. 2022's 2M update
+    Plain-float transcription of docs/MATH.md's DDIM formula (§4.2) and Lu et al. 2022's 2M update
     (first order when there is no previous step or h_last/h < 1/2).
     """
     A, B = 1.0, 0.0  # the current latent, as A·z_start + B
@@ -142,7 +134,7 @@ def test_sampling_timesteps_are_descending_unique_in_range(spacing: str, T: int,
         assert ts[-1] == 0
 
 
-def test_sampling_timesteps_examples() -> None:
+def test_sampling_timesteps_match_worked_examples_per_spacing() -> None:
     assert sampling_timesteps(1000, 50) == list(range(999, 0, -20))
     assert sampling_timesteps(10, 4, "trailing") == [9, 7, 4, 2]
     assert sampling_timesteps(10, 4, "leading") == [6, 4, 2, 0]
@@ -151,7 +143,7 @@ def test_sampling_timesteps_examples() -> None:
 
 @pytest.mark.parametrize(("steps", "spacing"), [(1001, "trailing"), (0, "linspace"), (5000, "leading")])
 def test_sampling_timesteps_rejects_bad_counts(steps: int, spacing: str) -> None:
-    with pytest.raises(UsageError, match=rf"1000 available.*got {steps}"):
+    with pytest.raises(UsageError, match=rf"--steps {steps}: must be between 1 and the model's T = 1000"):
         sampling_timesteps(1000, steps, spacing)
 
 
@@ -195,7 +187,7 @@ def test_ddpm_step_matches_hand_computation(t: int, t_prev: int) -> None:
         expected_z0.append(z0)
 
     noise = f64(NOISE) if t_prev >= 0 else None
-    z_prev, z0_hat = ddpm_step(tiny_schedule(), f64(Z_T), t, t_prev, f64(V_HAT), noise)
+    z_prev, z0_hat = ddpm_step(tiny_schedule(), f64(Z_T), t, t_prev, f64(V_HAT), noise=noise)
     assert z_prev.tolist() == pytest.approx(expected, abs=1e-12)
     assert z0_hat.tolist() == pytest.approx(expected_z0, abs=1e-12)
     if t_prev == -1:  # the last step lands on the posterior mean, which is ẑ0
@@ -219,11 +211,11 @@ def test_ddim_step_matches_hand_computation(eta: float, t: int, t_next: int) -> 
 def test_ddim_with_eta_one_is_the_ddpm_posterior() -> None:
     sched = tiny_schedule()
     ddim, _ = ddim_step(sched, f64(Z_T), 3, 1, f64(V_HAT), eta=1.0, noise=f64(NOISE))
-    ddpm, _ = ddpm_step(sched, f64(Z_T), 3, 1, f64(V_HAT), f64(NOISE))
+    ddpm, _ = ddpm_step(sched, f64(Z_T), 3, 1, f64(V_HAT), noise=f64(NOISE))
     assert torch.allclose(ddim, ddpm, atol=1e-12, rtol=0)
 
 
-def test_dpm_solver_pp_2m_step_by_hand() -> None:
+def test_dpm_solver_pp_2m_step_matches_hand_computation_and_starts_as_ddim() -> None:
     sched = tiny_schedule()
     z0_last = f64([0.1, -0.2, 0.3])
     lam = {t: 0.5 * math.log(ab / (1 - ab)) for t, ab in TINY_ALPHA_BAR.items() if t >= 0}
@@ -234,21 +226,21 @@ def test_dpm_solver_pp_2m_step_by_hand() -> None:
         z0, _ = z0_eps_by_hand(z, v, ab)
         d = (1 + 1 / (2 * r)) * z0 - z0_prev / (2 * r)
         expected.append(math.sqrt((1 - ab_next) / (1 - ab)) * z - math.sqrt(ab_next) * (math.exp(-h) - 1) * d)
-    second, _ = dpm_solver_pp_2m_step(sched, f64(Z_T), 2, 1, f64(V_HAT), t_last=3, z0_last=z0_last)
+    second, _ = dpm_solver_pp_2m_step(sched, f64(Z_T), 2, 1, f64(V_HAT), previous=(3, z0_last))
     assert second.tolist() == pytest.approx(expected, abs=1e-12)
 
     first, _ = dpm_solver_pp_2m_step(sched, f64(Z_T), 2, 1, f64(V_HAT))
     ddim, _ = ddim_step(sched, f64(Z_T), 2, 1, f64(V_HAT))
     assert torch.allclose(first, ddim, atol=1e-12, rtol=0)  # first order = DDIM η=0
 
-    final, z0_hat = dpm_solver_pp_2m_step(sched, f64(Z_T), 0, -1, f64(V_HAT), t_last=1, z0_last=z0_last)
+    final, z0_hat = dpm_solver_pp_2m_step(sched, f64(Z_T), 0, -1, f64(V_HAT), previous=(1, z0_last))
     assert torch.equal(final, z0_hat)
 
 
 def test_dpm_solver_pp_2m_is_first_order_after_a_much_shorter_step() -> None:
     sched = NoiseSchedule.create("cosine", 1000)  # λ: 1.71 at t=106, 2.34 at 53, 5.1 at 0
     z_t, v_hat = f64(Z_T), f64(V_HAT)
-    step, _ = dpm_solver_pp_2m_step(sched, z_t, 53, 0, v_hat, t_last=106, z0_last=f64([0.1, -0.2, 0.3]))
+    step, _ = dpm_solver_pp_2m_step(sched, z_t, 53, 0, v_hat, previous=(106, f64([0.1, -0.2, 0.3])))
     ddim, _ = ddim_step(sched, z_t, 53, 0, v_hat)
     assert torch.allclose(step, ddim, atol=1e-12, rtol=0)
 
@@ -366,7 +358,7 @@ def test_samplers_reproduce_mixture_weights(solver: str, steps: int | None) -> N
 
 
 @pytest.mark.parametrize(("kind", "spacing"), [("cosine", "trailing"), ("linear", "linspace")])
-def test_ddim_inversion_round_trip(kind: str, spacing: str) -> None:
+def test_ddim_inversion_round_trips_and_fixed_point_iterations_tighten_it(kind: str, spacing: str) -> None:
     sched = NoiseSchedule.create(kind, 1000)
     oracle = GaussianOracle(sched, GAUSS_M, GAUSS_S)
     gen = torch.Generator().manual_seed(3)
@@ -435,16 +427,16 @@ def test_default_steps_are_capped_and_ddpm_uses_every_step() -> None:
     assert [int(t[0]) for t in model.calls] == list(range(7, -1, -1))
 
 
-def test_usage_errors() -> None:
+def test_sample_refuses_steps_for_ddpm_unknown_samplers_and_out_of_range_starts() -> None:
     sched = NoiseSchedule.create("cosine", 100)
     model = Recorder()
     with pytest.raises(UsageError, match="ddpm sampler uses every timestep"):
         sample(model, sched, (1, 1), sampler="ddpm", steps=10)
-    with pytest.raises(UsageError, match="unknown sampler 'euler'"):
+    with pytest.raises(UsageError, match="--sampler 'euler': expected one of ddpm, ddim, dpm\\+\\+2m"):
         sample(model, sched, (1, 1), sampler="euler")
     with pytest.raises(UsageError, match="t_start"):
         sample(model, sched, (1, 1), sampler="ddim", t_start=100)
-    with pytest.raises(UsageError, match=r"31 available.*got 40"):
+    with pytest.raises(UsageError, match=r"--steps 40: must be between 1 and the 31 timesteps from t = 30"):
         sample(model, sched, (1, 1), sampler="ddim", steps=40, t_start=30)
     with pytest.raises(UsageError, match="'leading' spacing starts at t=27"):
         sample(model, sched, (1, 1), sampler="ddim", steps=10, spacing="leading", t_start=30, z_start=torch.zeros(1, 1))
@@ -470,7 +462,7 @@ def test_reimagine_starts_from_the_noised_latent() -> None:
 @pytest.mark.parametrize(
     ("solver", "kwargs"), [("ddpm", {}), ("ddim", {"steps": 10, "eta": 0.5}), ("dpm++2m", {"steps": 10})]
 )
-def test_same_seed_same_samples(solver: str, kwargs: dict) -> None:
+def test_same_seed_gives_same_samples_and_another_seed_differs(solver: str, kwargs: dict) -> None:
     sched = NoiseSchedule.create("cosine", 50)
     oracle = GaussianOracle(sched, GAUSS_M, GAUSS_S)
 

@@ -1,4 +1,5 @@
-"""Noise schedules: closed forms, validation, and the z0 / ε / v identities (DESIGN.md)."""
+"""Noise schedules and the v-parametrization: closed forms, validation, and the z0 / ε / v
+identities of docs/MATH.md, §1–2."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 
 from ldm_cli.config import DiffusionConfig
+from ldm_cli.diffusion.parametrization import predict_z0_eps, v_target
+from ldm_cli.diffusion.schedules import NoiseSchedule, linear_schedule_warning
 from ldm_cli.errors import UsageError
-from ldm_cli.schedules import NoiseSchedule, linear_schedule_warning
 
 
 def cosine_f(t: int, T: int, s: float = 0.008) -> float:
@@ -59,7 +61,7 @@ def test_cosine_is_a_valid_schedule() -> None:
 # --------------------------------------------------------------------------- linear, sigmoid
 
 
-def test_linear_endpoints_and_spacing() -> None:
+def test_linear_betas_run_evenly_from_beta_start_to_beta_end() -> None:
     sched = NoiseSchedule.create("linear", 1000, beta_start=1e-4, beta_end=0.02)
     betas = sched.betas
     assert betas[0].item() == 1e-4 and betas[-1].item() == 0.02
@@ -93,7 +95,7 @@ def test_short_linear_schedule_warns_and_cosine_does_not() -> None:
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "sigmoid"])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_v_identities(kind: str, dtype: torch.dtype, tol: float) -> None:
+def test_v_target_and_predict_z0_eps_invert_each_other_in_float64_and_float32(kind: str, dtype: torch.dtype, tol: float) -> None:
     sched = NoiseSchedule.create(kind, 1000)
     gen = torch.Generator().manual_seed(0)
     z0 = 2 * torch.randn(64, 4, 3, 3, generator=gen, dtype=dtype)
@@ -102,26 +104,33 @@ def test_v_identities(kind: str, dtype: torch.dtype, tol: float) -> None:
     t[:3] = torch.tensor([0, 1, 999])
 
     z_t = sched.add_noise(z0, t, eps)
-    v = sched.v_target(z0, t, eps)
+    v = v_target(sched, z0, t, eps)
     assert z_t.dtype == dtype and v.dtype == dtype
-    assert (sched.z0_from_v(z_t, t, v) - z0).abs().max() < tol
-    assert (sched.eps_from_v(z_t, t, v) - eps).abs().max() < tol
-    # the same relations, written out with ᾱ gathered by the schedule
-    ab = sched.alpha_bar(t, z0)
+    z0_back, eps_back = predict_z0_eps(sched, z_t, t, v)
+    assert (z0_back - z0).abs().max() < tol
+    assert (eps_back - eps).abs().max() < tol
+    # the same relations, written out with ᾱ looked up independently of the schedule's gather
+    ab = torch.tensor([sched.alpha_bar_at(int(i)) for i in t], dtype=dtype).view(-1, 1, 1, 1)
     assert torch.allclose(z_t, ab.sqrt() * z0 + (1 - ab).sqrt() * eps, atol=tol, rtol=0)
     assert torch.allclose(v, ab.sqrt() * eps - (1 - ab).sqrt() * z0, atol=tol, rtol=0)
     if dtype == torch.float64:  # dividing by √(1−ᾱ_0) ≈ 0.006 (cosine) amplifies float32 rounding
-        assert (sched.eps_from_z0(z_t, t, z0) - eps).abs().max() < tol
+        big = 10.0 * z0.abs().max().item()  # a clip limit that clips nothing takes the ε = (z_t − α·z0)/σ path
+        assert (predict_z0_eps(sched, z_t, t, v, clip_limit=big)[1] - eps).abs().max() < tol
+    # an integer timestep (the samplers' scalar path) gives the same as a tensor of it
+    z0_int, eps_int = predict_z0_eps(sched, z_t[:1], int(t[0]), v[:1])
+    assert torch.allclose(z0_int, z0_back[:1], atol=tol, rtol=0)
+    assert torch.allclose(eps_int, eps_back[:1], atol=tol, rtol=0)
 
 
-def test_alpha_bar_gather_broadcast_and_clean_index() -> None:
+def test_scalings_broadcast_per_sample_treat_t_minus_1_as_clean_and_snr_falls() -> None:
     sched = NoiseSchedule.create("cosine", 100)
     like = torch.zeros(3, 4, 5, 5, dtype=torch.float32)
     t = torch.tensor([-1, 0, 99])
-    ab = sched.alpha_bar(t, like)
-    assert ab.shape == (3, 1, 1, 1) and ab.dtype == torch.float32
-    assert ab[0].item() == 1.0
-    assert ab[1].item() == pytest.approx(sched.alpha_bar_at(0), rel=1e-6)
+    alpha, sigma = sched.scalings(t, like)
+    assert alpha.shape == (3, 1, 1, 1) and alpha.dtype == torch.float32 and sigma.shape == (3, 1, 1, 1)
+    assert alpha[0].item() == 1.0 and sigma[0].item() == 0.0
+    assert alpha[1].item() ** 2 == pytest.approx(sched.alpha_bar_at(0), rel=1e-6)
+    assert sigma[2].item() ** 2 == pytest.approx(1 - sched.alpha_bar_at(99), rel=1e-6)
     snr = sched.snr(torch.arange(100))
     assert snr.dtype == torch.float64 and torch.all(snr[1:] < snr[:-1])
     assert snr[5].item() == pytest.approx(sched.alpha_bar_at(5) / (1 - sched.alpha_bar_at(5)), rel=1e-12)
@@ -131,7 +140,7 @@ def test_alpha_bar_gather_broadcast_and_clean_index() -> None:
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine", "sigmoid"])
-def test_metadata_round_trip(kind: str) -> None:
+def test_schedule_rebuilds_identically_from_json_or_string_metadata(kind: str) -> None:
     sched = NoiseSchedule.create(kind, 123, beta_start=2e-4, beta_end=0.03)
     meta = json.loads(json.dumps(sched.to_metadata()))
     as_strings = {key: str(value) for key, value in meta.items()}  # safetensors metadata is str → str
@@ -141,7 +150,7 @@ def test_metadata_round_trip(kind: str) -> None:
         assert torch.equal(rebuilt.alphas_cumprod, sched.alphas_cumprod)
 
 
-def test_from_config_and_table() -> None:
+def test_schedule_from_config_tabulates_beta_and_alpha_bar_per_step() -> None:
     sched = NoiseSchedule.from_config(DiffusionConfig(schedule="linear", timesteps=20, beta_start=1e-3, beta_end=0.1))
     assert (sched.kind, sched.timesteps) == ("linear", 20)
     rows = sched.table()

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from conftest import tiny_vae_overrides
-from ldm_cli import rundir
+from ldm_cli.training import rundir
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"

@@ -6,14 +6,14 @@ import pytest
 import torch
 
 from ldm_cli.config import TrainConfig
-from ldm_cli.speed import SpeedSettings, resolve_speed
+from ldm_cli.training.speed import SpeedSettings, resolve_speed
 
 
-def test_auto_is_off_on_cpu():
+def test_auto_speed_settings_are_all_off_on_cpu():
     assert resolve_speed(TrainConfig(), on_cuda=False) == SpeedSettings(False, False, False, False)
 
 
-def test_auto_is_on_on_cuda(monkeypatch):
+def test_auto_speed_settings_are_on_on_cuda_with_bf16_only_if_supported(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
     assert resolve_speed(TrainConfig(), on_cuda=True) == SpeedSettings(True, True, True, True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
@@ -21,7 +21,7 @@ def test_auto_is_on_on_cuda(monkeypatch):
 
 
 @pytest.mark.parametrize("value, expected", [("on", True), ("off", False)])
-def test_explicit_values_win(value, expected):
+def test_explicit_on_off_and_bf16_override_the_device_default(value, expected):
     cfg = TrainConfig(channels_last=value, tf32=value, compile=value)
     settings = resolve_speed(cfg, on_cuda=not expected)
     assert (settings.channels_last, settings.tf32, settings.compile) == (expected,) * 3

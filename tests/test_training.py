@@ -9,12 +9,13 @@ import torch
 from PIL import Image
 
 from conftest import tiny_vae_overrides
-from ldm_cli import rundir
 from ldm_cli.config import VAERunConfig, load_config
 from ldm_cli.errors import ConfigError, UsageError
-from ldm_cli.exports import load_vae
-from ldm_cli.train_vae import train_vae
-from ldm_cli.training import BatchOrder, learning_rate_factor
+from ldm_cli.modelfiles.bundles import load_vae
+from ldm_cli.training import rundir
+from ldm_cli.training.distributed import BatchOrder
+from ldm_cli.training.optim import learning_rate_factor
+from ldm_cli.training.vae_task import train_vae
 
 
 def read_rows(run):
@@ -93,7 +94,7 @@ def test_batch_order_is_a_partition_of_the_global_batch():
         BatchOrder(10, 16, 1, 1, 0, 0)
 
 
-def test_learning_rate_warmup_and_cosine():
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_ratio():
     from ldm_cli.config import OptimConfig
 
     cfg = OptimConfig(warmup_steps=10, lr_schedule="cosine", min_lr_ratio=0.1)

@@ -1,7 +1,8 @@
 """The `ldm` command: one small function per subcommand over functions tests can call.
 
 Errors a user can cause (`ldm_cli.errors.LdmError`) become one line on stderr and the
-exit code DESIGN.md gives them: 2 for usage and configuration, 1 at run time.
+exit code docs/ARCHITECTURE.md ("Errors and exit codes") gives them: 2 for usage and
+configuration, 1 at run time.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ldm_cli.common.progress import setup_logging
 from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
+from ldm_cli.diffusion import DEFAULT_STEPS
 from ldm_cli.errors import LdmError, UsageError
-from ldm_cli.rundir import latest_checkpoint
-from ldm_cli.progress import setup_logging
+from ldm_cli.training.rundir import latest_checkpoint
 
 app = typer.Typer(
     name="ldm",
@@ -111,8 +113,8 @@ def train_vae_command(
     auto_resume: AutoResumeOpt = False,
 ) -> None:
     """Train a β-VAE (β decays over training) that maps images to a small continuous latent space."""
-    from ldm_cli.train_vae import train_vae
-    from ldm_cli.training import EXIT_PREEMPTED
+    from ldm_cli.training.loop import EXIT_PREEMPTED
+    from ldm_cli.training.vae_task import train_vae
 
     cfg, resume, overwrite = resolve_run(VAERunConfig, "quickstart/vae.toml", config, set_, {
         "data.source": data, "output.dir": str(out) if out else None,
@@ -135,7 +137,7 @@ def reconstruct_command(
     overwrite: ReplaceOpt = False,
 ) -> None:
     """Show inputs beside their reconstructions, with PSNR and SSIM, latent interpolations and prior samples."""
-    from ldm_cli.reconstruct import run_reconstruct
+    from ldm_cli.commands.reconstruct import run_reconstruct
 
     report = run_reconstruct(vae, out, data, num, seed, overwrite)
     table = Table("image", "PSNR (dB)", "SSIM")
@@ -161,7 +163,7 @@ def schedule_plot_command(
     overwrite: ReplaceOpt = False,
 ) -> None:
     """Compare noise schedules: β_t and ᾱ_t as plot and table, and a latent noised at each t and decoded."""
-    from ldm_cli.schedule_plot import run_schedule_plot
+    from ldm_cli.commands.schedule_plot import run_schedule_plot
 
     kinds = schedule or ["linear", "cosine"]
     report = run_schedule_plot(timesteps, out, kinds, beta_start, beta_end, vae, image, seed, overwrite)
@@ -186,8 +188,8 @@ def train_denoiser_command(
     auto_resume: AutoResumeOpt = False,
 ) -> None:
     """Train a ConvNeXt U-Net to predict v on the latents of a trained VAE."""
-    from ldm_cli.train_denoiser import train_denoiser
-    from ldm_cli.training import EXIT_PREEMPTED
+    from ldm_cli.training.denoiser_task import train_denoiser
+    from ldm_cli.training.loop import EXIT_PREEMPTED
 
     cfg, resume, overwrite = resolve_run(DenoiserRunConfig, "quickstart/denoiser.toml", config, set_, {
         "latents.vae": str(vae) if vae else None, "data.source": data,
@@ -212,7 +214,7 @@ def sample_command(
     clip_limit: ClipOpt = None,
     ddim: Annotated[bool, typer.Option("--ddim", help="Use DDIM (same as --sampler ddim).")] = False,
     sampler: Annotated[Optional[str], typer.Option("--sampler", help="ddpm (all T steps), ddim, or dpm++2m.")] = None,
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Steps for ddim / dpm++2m (default 50); not for ddpm.")] = None,
+    steps: Annotated[Optional[int], typer.Option("--steps", help=f"Steps for ddim / dpm++2m (default {DEFAULT_STEPS}); not for ddpm.")] = None,
     eta: Annotated[float, typer.Option("--eta", help="DDIM η: 0 deterministic, 1 DDPM-like.")] = 0.0,
     spacing: Annotated[str, typer.Option("--spacing", help="Timestep spacing for fewer steps: trailing, leading, linspace.")] = "trailing",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images sampled at once (memory does not grow with --num-samples).")] = 25,
@@ -221,7 +223,7 @@ def sample_command(
     overwrite: ReplaceOpt = False,
 ) -> None:
     """Generate images with DDPM (stochastic, every step), DDIM (deterministic, few steps) or DPM-Solver++."""
-    from ldm_cli.generate import run_sample
+    from ldm_cli.commands.sample import run_sample
 
     if ddim and sampler not in (None, "ddim"):
         raise typer.BadParameter(f"--ddim contradicts --sampler {sampler}")
@@ -241,7 +243,7 @@ def reimagine_command(
     checkpoint: CheckpointOpt,
     image: Annotated[Path, typer.Option("--image", help="The image to reimagine.")],
     strength: Annotated[Optional[list[float]], typer.Option("--strength", help="Noise to t = strength·T, in (0, 1] (repeatable).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="DDIM steps for strength 1 (scaled by strength).")] = 50,
+    steps: Annotated[int, typer.Option("--steps", help="DDIM steps for strength 1 (scaled by strength).")] = DEFAULT_STEPS,
     seed: Annotated[int, typer.Option("--seed", help="First seed.")] = 0,
     num_seeds: Annotated[int, typer.Option("--num-seeds", help="Seeds seed, seed+1, …: DDPM varies, DDIM stays.")] = 1,
     clip_limit: ClipOpt = None,
@@ -249,7 +251,7 @@ def reimagine_command(
     overwrite: ReplaceOpt = False,
 ) -> None:
     """Partly noise an image's latent and let DDPM and DDIM reimagine it, side by side."""
-    from ldm_cli.generate import run_reimagine
+    from ldm_cli.commands.reimagine import run_reimagine
 
     strengths = strength or [0.25, 0.5, 0.75, 1.0]
     report = run_reimagine(checkpoint, image, out, strengths=strengths, steps=steps, seed=seed,
@@ -268,7 +270,7 @@ def demo_command(
     seed: Annotated[int, typer.Option("--seed", help="Seed of sampling and reimagining.")] = 0,
 ) -> None:
     """Run the whole workflow on builtin:faces and write a report with every figure."""
-    from ldm_cli.demo import run_demo
+    from ldm_cli.commands.demo import run_demo
 
     result = run_demo(out, minutes, seed)
     table = Table("stage", "seconds", "")
@@ -290,7 +292,7 @@ def evaluate_command(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pass of the feature network (memory does not grow with the number of images).")] = 50,
 ) -> None:
     """Score generated images against a data set: FID, KID and precision/recall in a feature network's space."""
-    from ldm_cli.evaluate import format_report, run_evaluate
+    from ldm_cli.commands.evaluate import format_report, run_evaluate
 
     report = run_evaluate(samples, reference, inception_weights=inception_weights, features=features,
                           features_size=features_size, batch_size=batch_size, num_reference=num_reference)

@@ -15,7 +15,7 @@ import math
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -64,7 +64,7 @@ class OptimConfig(Section):
 
 
 class TrainConfig(Section):
-    """How long and how the shared training loop runs (see `ldm_cli.training`)."""
+    """How long and how the shared training loop runs (see `ldm_cli.training.loop`)."""
 
     max_steps: int = Field(2000, gt=0, description="optimizer updates")
     batch_size: int = Field(64, gt=0, description="GLOBAL batch per update, over all processes and accumulation")
@@ -167,7 +167,7 @@ class UNetConfig(Section):
 
 
 class DiffusionConfig(Section):
-    """The forward noising process (see `ldm_cli.schedules`)."""
+    """The forward noising process (see `ldm_cli.diffusion.schedules`)."""
 
     schedule: Literal["linear", "cosine", "sigmoid"] = "cosine"
     timesteps: int = Field(1000, ge=1, le=100_000)
@@ -187,32 +187,40 @@ class LatentsConfig(Section):
 # --------------------------------------------------------------------------- run configs
 
 
-class VAERunConfig(Section):
-    """Everything `ldm train-vae` reads."""
+class RunConfig(Section):
+    """What every training run reads: its data, and how the shared loop optimises, logs
+    and writes. Each task adds its model (and loss or diffusion) sections."""
+
+    task_name: ClassVar[str]  # names the exported file: f"{task_name}.safetensors"
 
     data: DataConfig = DataConfig()
-    model: VAEModelConfig = VAEModelConfig()
-    loss: VAELossConfig = VAELossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     logging: LoggingConfig = LoggingConfig()
+    output: OutputConfig = OutputConfig()
+
+
+class VAERunConfig(RunConfig):
+    """Everything `ldm train-vae` reads."""
+
+    task_name: ClassVar[str] = "vae"
+    model: VAEModelConfig = VAEModelConfig()
+    loss: VAELossConfig = VAELossConfig()
     output: OutputConfig = OutputConfig(dir="runs/vae")
 
 
-class DenoiserRunConfig(Section):
+class DenoiserRunConfig(RunConfig):
     """Everything `ldm train-denoiser` reads."""
 
-    data: DataConfig = DataConfig()
+    task_name: ClassVar[str] = "denoiser"
     model: UNetConfig = UNetConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     latents: LatentsConfig = LatentsConfig()
-    optim: OptimConfig = OptimConfig()
-    train: TrainConfig = TrainConfig()
-    logging: LoggingConfig = LoggingConfig()
     output: OutputConfig = OutputConfig(dir="runs/denoiser")
 
 
-RunConfig = TypeVar("RunConfig", VAERunConfig, DenoiserRunConfig)
+RunConfigT = TypeVar("RunConfigT", VAERunConfig, DenoiserRunConfig)
+SECTION_ORDER = ("data", "model", "loss", "diffusion", "latents", "optim", "train", "logging", "output")
 
 
 # --------------------------------------------------------------------------- loading
@@ -296,8 +304,8 @@ def format_validation_error(err: ValidationError, origin: str, overridden: set[s
 
 
 def load_config(
-    schema: type[RunConfig], path: Path | None, overrides: list[str] = (), updates: dict[str, Any] | None = None
-) -> RunConfig:
+    schema: type[RunConfigT], path: Path | None, overrides: list[str] = (), updates: dict[str, Any] | None = None
+) -> RunConfigT:
     """Load `path` (or the schema's defaults when None), apply `--set` overrides, then
     the dotted-key `updates` of plain flags such as --out or --max-steps, and validate."""
     raw = read_toml(path) if path is not None else {}
@@ -317,9 +325,13 @@ def load_config(
 
 
 def to_toml(config: BaseModel) -> str:
-    """The resolved config as TOML text. TOML has no null: keys whose value is None are
-    left out, which is only safe because every Optional field defaults to None."""
-    return tomli_w.dumps(_drop_none(config.model_dump(mode="json")))
+    """The resolved config as TOML text, sections in the order of the packaged configs.
+    TOML has no null: keys whose value is None are left out, which is only safe because
+    every Optional field defaults to None."""
+    dumped = config.model_dump(mode="json")
+    ordered = {key: dumped[key] for key in sorted(dumped, key=lambda k: SECTION_ORDER.index(k)
+                                                  if k in SECTION_ORDER else len(SECTION_ORDER))}
+    return tomli_w.dumps(_drop_none(ordered))
 
 
 def _drop_none(value: Any) -> Any:

@@ -1,6 +1,6 @@
 """Errors a user can cause, and the exit code each one maps to.
 
-DESIGN.md: exit 0 on success, 2 on a usage or configuration error, 1 on a failure at
+docs/ARCHITECTURE.md, "Errors and exit codes": exit 0 on success, 2 on a usage or configuration error, 1 on a failure at
 run time. Every error carries one clear line; the CLI prints it without a traceback.
 """
 

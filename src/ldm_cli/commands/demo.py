@@ -14,7 +14,6 @@ newest checkpoint. `stages.json` keeps each stage's wall time and results.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,18 +22,19 @@ from typing import Any
 
 from PIL import Image
 
-from ldm_cli.checkpoint import atomic_write_path
+from ldm_cli.commands.reconstruct import run_reconstruct
+from ldm_cli.commands.reimagine import run_reimagine
+from ldm_cli.commands.report import Report
+from ldm_cli.commands.sample import run_sample
+from ldm_cli.commands.schedule_plot import run_schedule_plot
+from ldm_cli.common.files import atomic_write
+from ldm_cli.common.progress import logger
 from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
-from ldm_cli.data import load_images
+from ldm_cli.data.cache import load_images
 from ldm_cli.errors import UsageError
-from ldm_cli.generate import run_reimagine, run_sample
-from ldm_cli.progress import logger
-from ldm_cli.reconstruct import run_reconstruct
-from ldm_cli.report import Report
-from ldm_cli.rundir import latest_checkpoint
-from ldm_cli.schedule_plot import run_schedule_plot
-from ldm_cli.train_denoiser import train_denoiser
-from ldm_cli.train_vae import train_vae
+from ldm_cli.training.denoiser_task import train_denoiser
+from ldm_cli.training.rundir import latest_checkpoint
+from ldm_cli.training.vae_task import train_vae
 
 DEFAULT_MINUTES = 10.0
 STRENGTHS = [0.25, 0.5, 0.75, 1.0]
@@ -84,7 +84,7 @@ def demo_denoiser_config(folder: Path, minutes: float, overrides: list[str] = ()
 
 
 @dataclass
-class Stage:
+class DemoStage:
     name: str
     outputs: list[Path]  # the stage is done when all of these exist
     run: Callable[[], dict[str, Any]]  # returns the results the report shows
@@ -95,12 +95,11 @@ def _read_records(path: Path) -> dict[str, dict[str, Any]]:
 
 
 def _write_records(path: Path, records: dict[str, dict[str, Any]]) -> None:
-    tmp = atomic_write_path(path)
-    tmp.write_text(json.dumps(records, indent=2))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(records, indent=2))
 
 
-def run_stages(stages: list[Stage], records_path: Path) -> dict[str, dict[str, Any]]:
+def run_stages(stages: list[DemoStage], records_path: Path) -> dict[str, dict[str, Any]]:
     """Run each stage not done yet, timing it; keep the records of reused ones."""
     records = _read_records(records_path)
     for stage in stages:
@@ -126,7 +125,7 @@ def _save_demo_face(cfg: VAERunConfig, path: Path) -> Path:
 
 
 def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str] = (),
-                denoiser_overrides: list[str] = ()) -> list[Stage]:
+                denoiser_overrides: list[str] = ()) -> list[DemoStage]:
     vae_cfg = demo_vae_config(folder, minutes, vae_overrides)
     den_cfg = demo_denoiser_config(folder, minutes, denoiser_overrides)
     vae_file = folder / "vae" / "vae.safetensors"
@@ -165,13 +164,13 @@ def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str
                 "ddim_steps": {str(k): v for k, v in report.ddim_steps.items()}}
 
     return [
-        Stage("train-vae", [vae_file], train_stage(train_vae, vae_cfg)),
-        Stage("reconstruct", [folder / "reconstruct" / "recon.png"], reconstruct),
-        Stage("schedule-plot", [folder / "schedules" / "noised-latents.png", face], schedules),
-        Stage("train-denoiser", [den_file], train_stage(train_denoiser, den_cfg)),
-        Stage("sample-ddpm", [folder / "samples-ddpm" / "grid.png"], sample("ddpm", None)),
-        Stage("sample-ddim", [folder / "samples-ddim" / "grid.png"], sample("ddim", 50)),
-        Stage("reimagine", [folder / "reimagine" / "reimagine.png"], reimagine),
+        DemoStage("train-vae", [vae_file], train_stage(train_vae, vae_cfg)),
+        DemoStage("reconstruct", [folder / "reconstruct" / "recon.png"], reconstruct),
+        DemoStage("schedule-plot", [folder / "schedules" / "noised-latents.png", face], schedules),
+        DemoStage("train-denoiser", [den_file], train_stage(train_denoiser, den_cfg)),
+        DemoStage("sample-ddpm", [folder / "samples-ddpm" / "grid.png"], sample("ddpm", None)),
+        DemoStage("sample-ddim", [folder / "samples-ddim" / "grid.png"], sample("ddim", 50)),
+        DemoStage("reimagine", [folder / "reimagine" / "reimagine.png"], reimagine),
     ]
 
 

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
+from ldm_cli.common.files import claim_outputs
+from ldm_cli.common.pictures import image_grid, save_grid, save_png
 from ldm_cli.config import DataConfig
-from ldm_cli.data import load_images, to_float
+from ldm_cli.data.cache import load_images
+from ldm_cli.data.pixels import to_float
 from ldm_cli.errors import UsageError
-from ldm_cli.exports import VAEBundle, load_vae
-from ldm_cli.image_metrics import psnr, ssim
-from ldm_cli.outputs import claim_outputs
-from ldm_cli.train_vae import reconstruct_batch
-from ldm_cli.viz import image_grid, save_grid, save_png
+from ldm_cli.evaluation.image_metrics import psnr, ssim
+from ldm_cli.modelfiles.bundles import VAEBundle, load_vae
+from ldm_cli.training.vae_task import reconstruct_batch
 
 INTERPOLATION_STEPS = 8
 
@@ -56,8 +57,8 @@ def evaluation_images(bundle: VAEBundle, source: str | None, num: int) -> torch.
 
 def interpolate(vae_bundle: VAEBundle, images: torch.Tensor, steps: int = INTERPOLATION_STEPS) -> torch.Tensor:
     """Decoded linear interpolations μ_a → μ_b for consecutive pairs, row-major."""
-    vae = vae_bundle.vae
-    device = next(vae.parameters()).device
+    vae = vae_bundle.network
+    device = vae_bundle.device
     with torch.no_grad():
         mu = vae.encode(to_float(images.to(device))).mean
         weights = torch.linspace(0, 1, steps, device=device).view(-1, 1, 1, 1)
@@ -67,8 +68,8 @@ def interpolate(vae_bundle: VAEBundle, images: torch.Tensor, steps: int = INTERP
 
 def prior_samples(vae_bundle: VAEBundle, count: int, seed: int) -> torch.Tensor:
     """Decoded z ~ N(0, I) in the VAE's own (unnormalised) latent space."""
-    vae = vae_bundle.vae
-    device = next(vae.parameters()).device
+    vae = vae_bundle.network
+    device = vae_bundle.device
     z = torch.randn((count, *vae_bundle.latent_shape), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         return vae.decode(z.to(device)).clamp(-1, 1).cpu()
@@ -93,7 +94,7 @@ def run_reconstruct(
     bundle = load_vae(vae_path)
     images = evaluation_images(bundle, source, num)
     x = to_float(images)
-    x_hat = reconstruct_batch(bundle.vae, images).cpu()
+    x_hat = reconstruct_batch(bundle.network, images).cpu()
     scores_psnr = psnr(x_hat, x).tolist()
     scores_ssim = ssim(x_hat, x).tolist()
 

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ldm_cli.checkpoint import atomic_write_path
+from ldm_cli.common.files import atomic_write
 
 
 @dataclass
@@ -97,8 +97,7 @@ class Report:
         paths = []
         for name, content in (("report.md", self.markdown()), ("report.html", self.html())):
             path = self.folder / name
-            tmp = atomic_write_path(path)
-            tmp.write_text(content, encoding="utf-8")
-            os.replace(tmp, path)
+            with atomic_write(path) as tmp:
+                tmp.write_text(content, encoding="utf-8")
             paths.append(path)
         return paths[0], paths[1]

@@ -10,19 +10,18 @@ using the same ε — z_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε — decodes each z
 from __future__ import annotations
 
 import csv
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from ldm_cli.checkpoint import atomic_write_path
-from ldm_cli.data import load_image_file, to_float
+from ldm_cli.common.files import atomic_write, claim_outputs
+from ldm_cli.common.pictures import plot_schedules, save_grid
+from ldm_cli.data.decoding import load_image_file
+from ldm_cli.data.pixels import to_float
+from ldm_cli.diffusion.schedules import NoiseSchedule, linear_schedule_warning
 from ldm_cli.errors import UsageError
-from ldm_cli.exports import load_vae
-from ldm_cli.outputs import claim_outputs
-from ldm_cli.schedules import NoiseSchedule, linear_schedule_warning
-from ldm_cli.viz import plot_schedules, save_grid
+from ldm_cli.modelfiles.bundles import load_vae
 
 MAX_COLUMNS = 12  # a longer schedule is shown at this many evenly spaced timesteps
 
@@ -45,9 +44,8 @@ def shown_timesteps(timesteps: int, max_columns: int = MAX_COLUMNS) -> list[int]
 
 def write_table(schedules: dict[str, NoiseSchedule], path: Path) -> Path:
     """CSV: t, then β_t and ᾱ_t of each schedule."""
-    tmp = atomic_write_path(path)
     timesteps = next(iter(schedules.values())).timesteps
-    with tmp.open("w", newline="") as f:
+    with atomic_write(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["t"] + [f"{col}_{name}" for name in schedules for col in ("beta", "alpha_bar")])
         for t in range(timesteps):
@@ -55,7 +53,6 @@ def write_table(schedules: dict[str, NoiseSchedule], path: Path) -> Path:
             for s in schedules.values():
                 row += [f"{s.betas[t].item():.6g}", f"{s.alphas_cumprod[t].item():.6g}"]
             writer.writerow(row)
-    os.replace(tmp, path)
     return path
 
 
@@ -66,16 +63,14 @@ def noised_latent_grid(
     """Decode z_t of one image for each schedule and shown timestep, with one shared ε."""
     bundle = load_vae(vae_path)
     image = load_image_file(image_path, bundle.resolution)
-    x = to_float(image.unsqueeze(0))
-    z0 = bundle.stats.normalize(bundle.vae.encode(x).mean)
+    z0 = bundle.encode(to_float(image.unsqueeze(0)))
     eps = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed))
     steps = shown_timesteps(next(iter(schedules.values())).timesteps)
     rows = []
     for schedule in schedules.values():
         t = torch.tensor(steps)
         z_t = schedule.add_noise(z0.expand(len(steps), -1, -1, -1), t, eps.expand(len(steps), -1, -1, -1))
-        decoded = bundle.vae.decode(bundle.stats.denormalize(torch.cat((z0, z_t))))
-        rows.append(decoded.clamp(-1, 1))
+        rows.append(bundle.decode(torch.cat((z0, z_t))))
     grid = torch.cat(rows)
     return save_grid(grid, out, ncols=len(steps) + 1, row_labels=list(schedules),
                      col_labels=["z0"] + [f"t={t}" for t in steps],

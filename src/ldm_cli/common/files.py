@@ -1,13 +1,59 @@
-"""Where commands write: refuse to overwrite existing results, and fail early when the
-destination cannot be written (DESIGN.md: nothing already on disk is lost)."""
+"""Writing files safely: write-then-rename, and refusing to overwrite results.
+
+Every file `ldm` writes goes through `atomic_write`: the content is written to a
+temporary sibling and renamed into place only when complete, so a reader never sees a
+half-written file and a failed or killed write leaves the previous file as it was.
+Commands call `claim_outputs` before any work, so nothing already on disk is lost.
+"""
 
 from __future__ import annotations
 
+import os
+import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from ldm_cli.errors import UsageError
+
+
+def temporary_sibling(path: Path, *, shared: bool = False) -> Path:
+    """A hidden name beside `path` to write before renaming: unique to this process, or
+    (``shared``) the same for every process of a distributed run that writes into it."""
+    return path.with_name(f".tmp-{path.name}" if shared else f".{path.name}.tmp-{os.getpid()}")
+
+
+def remove(path: Path) -> None:
+    """Delete a file or a folder tree if it exists."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_write(path: str | Path, *, shared: bool = False, owner: bool = True) -> Iterator[Path]:
+    """Yield a temporary path to write `path` at (a file, or a folder the caller creates);
+    on success rename it onto `path`, on any failure remove it and re-raise.
+
+    With ``shared``, the temporary name is the same in every process, so the processes
+    of a distributed run can write into one folder; only the ``owner`` process clears,
+    renames or removes it.
+    """
+    path = Path(path)
+    tmp = temporary_sibling(path, shared=shared)
+    if owner:
+        remove(tmp)  # a leftover of a killed earlier write
+    try:
+        yield tmp
+        if owner:
+            if tmp.is_dir():
+                remove(path)  # os.replace cannot replace a non-empty folder
+            os.replace(tmp, path)
+    finally:
+        if owner:
+            remove(tmp)
 
 
 def check_writable(path: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageFont  # noqa: E402
 
-from ldm_cli.checkpoint import atomic_write_path  # noqa: E402
+from ldm_cli.common.files import atomic_write
 
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
@@ -45,12 +44,8 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     """Save a PIL image as PNG atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_write_path(path)
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -109,13 +104,11 @@ def save_images(images: torch.Tensor, folder: str | Path, start_index: int = 0) 
 def _save_figure(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = atomic_write_path(path)
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -1,6 +1,6 @@
 """How long work reports itself: a rich bar on a terminal, a plain line otherwise.
 
-DESIGN.md: long work shows a progress bar on a terminal and a log line every so often
+docs/ARCHITECTURE.md, "Progress": long work shows a progress bar on a terminal and a log line every so often
 when output is not a terminal (CI logs, SLURM); only the main process prints.
 """
 

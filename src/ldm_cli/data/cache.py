@@ -1,7 +1,7 @@
-"""Image sources, preprocessing, the uint8 cache and the held-out split.
+"""The uint8 image cache and the held-out split: `load_images`.
 
 A data source (`DataConfig.source`) is a folder of images (searched recursively), a
-.zip of images, or `builtin:faces` (drawn by `ldm_cli.faces`). Every image becomes RGB
+.zip of images, or `builtin:faces` (drawn by `ldm_cli.data.faces`; see `ldm_cli.data.sources`). Every image becomes RGB
 at `resolution`×`resolution`: EXIF orientation applied, transparency composited on
 white, 16-bit values scaled to 8 bits, the short side resized with Lanczos and the
 centre cropped to a square.
@@ -22,42 +22,34 @@ changing the split later rewrites the rows in the new order without decoding aga
 Files that cannot be decoded are skipped, counted and reported in one warning; a
 source with no usable image is a `DataError` (exit code 2).
 """
-
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import re
 import time
 import warnings
-import zipfile
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from itertools import repeat
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ldm_cli import faces
+from ldm_cli.common.files import atomic_write
 from ldm_cli.config import DataConfig
+from ldm_cli.data import faces
+from ldm_cli.data.decoding import decode_all
+from ldm_cli.data.sources import BUILTIN_PREFIX, Source, resolve_source
 from ldm_cli.errors import DataError
 
 logger = logging.getLogger("ldm")
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-BUILTIN_PREFIX = "builtin:"
-BUILTINS = ("faces",)
-EXPECTED_SOURCE = "expected an image folder, a .zip of images, or builtin:faces"
 CACHE_FORMAT = 1  # bump whenever preprocessing changes, so old caches are not reused
 SPLIT_STREAM = 0x5917  # keeps the split's random stream apart from the faces' streams
-HIGH_BIT_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 MAX_EXAMPLES = 3  # skipped files named in the warning
 
 
@@ -76,245 +68,6 @@ class ImageSet:
 
     def __len__(self) -> int:
         return len(self.train)
-
-
-# --------------------------------------------------------------------------- sources
-
-
-@dataclass(frozen=True)
-class Source:
-    """A data source resolved from the config: what to read and what identifies it."""
-
-    text: str  # as the user wrote it, for messages
-    kind: str  # "folder", "zip" or "builtin"
-    path: Path | None  # resolved absolute path; None for a builtin
-    members: tuple[str, ...]  # image files relative to the folder, or zip member names
-    identity: dict  # everything the cached pixels depend on, hashed into the cache key
-
-
-def is_image_name(name: str) -> bool:
-    """An image extension (any case), and no hidden or macOS resource-fork part."""
-    parts = name.split("/")
-    if any(part.startswith(".") or part == "__MACOSX" for part in parts):
-        return False
-    return parts[-1].lower().endswith(IMAGE_EXTENSIONS)
-
-
-def list_image_files(folder: Path) -> list[str]:
-    """Image files under `folder`, recursively, as sorted relative POSIX paths."""
-    names = []
-    for root, _dirs, files in os.walk(folder):
-        relative = Path(root).relative_to(folder)
-        names += [(relative / f).as_posix() for f in files]
-    return sorted(name for name in names if is_image_name(name))
-
-
-def read_zip_members(path: Path) -> list[str]:
-    """Image members of the zip archive at `path`, sorted."""
-    with zipfile.ZipFile(path) as archive:
-        names = [info.filename for info in archive.infolist() if not info.is_dir()]
-    return sorted(name for name in names if is_image_name(name))
-
-
-def size_and_mtime(path: Path) -> tuple[int, int]:
-    """What tells a changed file apart; (-1, -1) for one that cannot be examined (a broken link)."""
-    try:
-        stat = path.stat()
-    except OSError:
-        return (-1, -1)
-    return (stat.st_size, stat.st_mtime_ns)
-
-
-def resolve_source(cfg: DataConfig) -> Source:
-    """Check `cfg.source` and list what it holds; a bad source is a one-line `DataError`."""
-    text = cfg.source.strip()
-    if text.startswith(BUILTIN_PREFIX):
-        name = text[len(BUILTIN_PREFIX):]
-        if name not in BUILTINS:
-            known = ", ".join(BUILTIN_PREFIX + b for b in BUILTINS)
-            raise DataError(f"data source {text!r}: unknown builtin (known: {known})")
-        identity = {"builtin": name, "version": faces.VERSION, "size": cfg.builtin_size, "seed": cfg.seed}
-        return Source(text, "builtin", None, (), identity)
-
-    if not text:
-        raise DataError(f"data source '': empty ({EXPECTED_SOURCE})")
-    path = Path(text).expanduser().resolve()
-    if path.is_dir():
-        members = list_image_files(path)
-        files = [[name, *size_and_mtime(path / name)] for name in members]
-        kind = "folder"
-    elif path.is_file() and zipfile.is_zipfile(path):
-        try:
-            members = read_zip_members(path)
-        except (zipfile.BadZipFile, OSError) as err:
-            raise DataError(f"data source {text!r}: not a readable zip archive ({err})") from None
-        files = [[path.name, *size_and_mtime(path)]]
-        kind = "zip"
-    elif path.exists():
-        raise DataError(f"data source {text!r}: not a folder or a .zip archive ({EXPECTED_SOURCE})")
-    else:
-        raise DataError(f"data source {text!r}: no such file or folder ({EXPECTED_SOURCE})")
-
-    if not members:
-        wanted = ", ".join(IMAGE_EXTENSIONS)
-        raise DataError(f"data source {text!r}: no usable image (found no {wanted} files)")
-    return Source(text, kind, path, tuple(members), {"path": str(path), "files": files})
-
-
-@contextmanager
-def member_reader(source: Source) -> Iterator[Callable[[str], bytes]]:
-    """A function that returns the raw bytes of one member of a folder or zip source."""
-    assert source.path is not None
-    if source.kind == "folder":
-        yield lambda name: (source.path / name).read_bytes()
-    else:
-        with zipfile.ZipFile(source.path) as archive:
-            yield archive.read
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-def high_bit_depth_to_uint8(image: Image.Image) -> np.ndarray:
-    """A 16-bit (or 32-bit integer) grayscale image as uint8, mapping 0..65535 to 0..255."""
-    values = np.asarray(image).astype(np.float64)
-    return np.round(np.clip(values, 0, 65535) / 257.0).astype(np.uint8)
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode as 8-bit RGB: transparency composited on white, 16 bits scaled down.
-
-    PIL's own `convert("RGB")` clips 16-bit values instead of scaling them and drops
-    alpha onto black, so those cases are handled here.
-    """
-    if image.mode in HIGH_BIT_DEPTH_MODES:
-        return Image.fromarray(high_bit_depth_to_uint8(image)).convert("RGB")
-    if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
-def center_square(image: Image.Image, resolution: int) -> Image.Image:
-    """Resize so the short side is `resolution` and crop the centre square, in one pass."""
-    width, height = image.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return image.resize(
-        (resolution, resolution),
-        Image.Resampling.LANCZOS,
-        box=(left, top, left + side, top + side),
-        reducing_gap=3.0,  # shrink huge images by whole factors first; visually identical
-    )
-
-
-def preprocess(image: Image.Image, resolution: int) -> np.ndarray:
-    """EXIF-orient, convert to RGB, resize and centre-crop: uint8 `(resolution, resolution, 3)`."""
-    image = ImageOps.exif_transpose(image)
-    return np.asarray(center_square(to_rgb(image), resolution))
-
-
-# --------------------------------------------------------------------------- decoding
-
-
-class UndecodableImage(Exception):
-    """One file that is not a usable image; `reason` is a short phrase for the warning."""
-
-    def __init__(self, reason: str):
-        self.reason = " ".join(reason.split())  # one line, whatever the decoder said
-        super().__init__(self.reason)
-
-
-@contextmanager
-def bombs_are_errors() -> Iterator[None]:
-    """Turn PIL's DecompressionBombWarning into an error while decoding.
-
-    Warning filters are process-wide (Python < 3.14), so this wraps a whole decoding
-    pass from the calling thread rather than each image in a worker thread.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        yield
-
-
-def decode_image(data: bytes, resolution: int) -> np.ndarray:
-    """Decode and preprocess one encoded image: uint8 `(resolution, resolution, 3)`.
-
-    Raises `UndecodableImage` for anything that is not a usable image: not an image,
-    truncated, or larger than `Image.MAX_IMAGE_PIXELS` (a decompression bomb).
-    """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            limit = Image.MAX_IMAGE_PIXELS
-            if limit is not None and image.width * image.height > limit:
-                raise Image.DecompressionBombError("")  # reported like PIL's own check, below
-            image.draft("RGB", (2 * resolution, 2 * resolution))  # JPEG: decode at a reduced scale
-            return preprocess(image, resolution)
-    except UnidentifiedImageError:
-        raise UndecodableImage("not an image") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise UndecodableImage(f"too many pixels, over {Image.MAX_IMAGE_PIXELS} (decompression bomb)") from None
-    except Exception as err:  # PIL raises many types for corrupt files; none may stop a load
-        raise UndecodableImage(str(err) or type(err).__name__) from None
-
-
-def decode_or_reason(data: bytes, resolution: int) -> np.ndarray | str:
-    """`decode_image`, with a failure returned as its reason instead of raised."""
-    try:
-        return decode_image(data, resolution)
-    except UndecodableImage as err:
-        return err.reason
-
-
-def decode_workers() -> int:
-    """Threads for decoding: PIL releases the GIL while it decodes and resizes."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(cpus, 32))
-
-
-def decode_all(source: Source, resolution: int, out: np.ndarray) -> dict[int, str]:
-    """Decode every member of `source` into `out[i]` (3, H, W); return {index: reason} of failures."""
-    failures: dict[int, str] = {}
-    workers = decode_workers()
-    chunk = 8 * workers
-    total = len(source.members)
-    last_report = time.monotonic()
-    with bombs_are_errors(), ThreadPoolExecutor(workers) as pool, member_reader(source) as read:
-        for start in range(0, total, chunk):
-            blobs: dict[int, bytes] = {}  # read on this thread, decoded on the pool
-            for i, name in enumerate(source.members[start:start + chunk], start):
-                try:
-                    blobs[i] = read(name)
-                except Exception as err:  # unreadable file, bad zip member: skipped like a bad image
-                    failures[i] = f"cannot be read ({err})"
-            results = pool.map(decode_or_reason, blobs.values(), repeat(resolution))
-            for i, result in zip(blobs, results):
-                if isinstance(result, str):
-                    failures[i] = result
-                else:
-                    out[i] = result.transpose(2, 0, 1)
-            if time.monotonic() - last_report > 10:
-                logger.info("decoded %d/%d images of %s", min(start + chunk, total), total, source.text)
-                last_report = time.monotonic()
-    return failures
-
-
-def load_image_file(path: str | Path, resolution: int) -> torch.Tensor:
-    """One image file, preprocessed like a data set: uint8 `(3, resolution, resolution)`."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image '{path}': no such file")
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise DataError(f"image '{path}': cannot be read ({err.strerror})") from None
-    try:
-        with bombs_are_errors():
-            array = decode_image(data, resolution)
-    except UndecodableImage as err:
-        raise DataError(f"image '{path}': not a usable image ({err.reason})") from None
-    return torch.from_numpy(array.transpose(2, 0, 1).copy())
 
 
 # --------------------------------------------------------------------------- split
@@ -385,32 +138,19 @@ def images_file_name(stem: str, fraction: float, seed: int) -> str:
     return f"{stem}-h{fraction:g}-s{seed}.npy"
 
 
-def temporary_path(path: Path) -> Path:
-    """A hidden name beside `path`, unique to this process, for writing before a rename."""
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
-
-
 def write_cache_atomically(path: Path, rows: np.ndarray, order: np.ndarray) -> None:
     """Write `rows[order]` as a .npy at `path`, in chunks, via a temporary file and a rename."""
-    tmp = temporary_path(path)
-    try:
+    with atomic_write(path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(order), *rows.shape[1:]))
         for start in range(0, len(order), 1024):
             out[start:start + 1024] = rows[order[start:start + 1024]]
         out.flush()
         del out
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_index_atomically(path: Path, index: CacheIndex) -> None:
-    tmp = temporary_path(path)
-    try:
+    with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(asdict(index), indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_cache(index_path: Path, resolution: int) -> tuple[CacheIndex, np.ndarray] | None:
@@ -550,24 +290,3 @@ def load_images(cfg: DataConfig) -> ImageSet:
     tensor = as_tensor(images)
     n_train = index.count - index.holdout
     return ImageSet(tensor[:n_train], tensor[n_train:], source=source.text, skipped=len(index.skipped))
-
-
-# --------------------------------------------------------------------------- tensors
-
-
-def to_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [0, 255] → float32 [-1, 1]."""
-    return images.to(torch.float32) / 127.5 - 1.0
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """float [-1, 1] → uint8 [0, 255], clamped and rounded (NaN becomes mid-grey)."""
-    scaled = (torch.nan_to_num(images.float(), nan=0.0) + 1.0) * 127.5
-    return scaled.round().clamp(0, 255).to(torch.uint8)
-
-
-def random_flip(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Mirror each image of a `(N, C, H, W)` batch left-right with probability 1/2."""
-    device = generator.device if generator is not None else images.device
-    flip = torch.rand(images.shape[0], generator=generator, device=device).to(images.device) < 0.5
-    return torch.where(flip[:, None, None, None], images.flip(-1), images)

@@ -1,13 +1,13 @@
-"""Noise schedules and the closed-form relations between z0, z_t, ε and v.
+"""Noise schedules: β_t, ᾱ_t and the forward process q(z_t | z0).
 
-Conventions (DESIGN.md, "Math conventions"):
+Conventions (docs/MATH.md, §1):
 
 * Timesteps are code indices ``t = 0 … T−1``. ``ᾱ_t = ∏_{i≤t} (1 − β_i)``. The clean
   latent sits "before" index 0; we write it as ``t = −1`` with ``ᾱ_{−1} = 1``.
-* Forward process (Ho et al. 2020, eq. 4):  ``z_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε``.
-* v-parametrization (Salimans & Ho 2022, §4 and App. D), with ``α_t = √ᾱ_t`` and
-  ``σ_t = √(1−ᾱ_t)``:  ``v_t = α_t·ε − σ_t·z0``, hence
-  ``z0 = α_t·z_t − σ_t·v`` and ``ε = σ_t·z_t + α_t·v``.
+* ``α_t = √ᾱ_t`` and ``σ_t = √(1−ᾱ_t)`` (Salimans & Ho's notation).
+* Forward process (Ho et al. 2020, eq. 4):  ``z_t = α_t·z0 + σ_t·ε``.
+
+What the denoiser predicts and how it is trained live in `ldm_cli.diffusion.parametrization`.
 
 Everything is computed once in float64 and stored as tables; the methods gather
 the entries they need and cast them to the dtype and device of their input.
@@ -200,46 +200,23 @@ class NoiseSchedule:
         values = self._table(name, like.device)[t.reshape(-1) + 1]
         return _broadcast(values, like)
 
-    def alpha_bar(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """ᾱ_t for integer t of shape (B,), shaped (B, 1, …) like ``like``; ``t = −1`` gives 1."""
-        return self._gather("alpha_bar", t, like)
-
-    def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(√ᾱ_t, √(1−ᾱ_t)) — Salimans & Ho's (α_t, σ_t) — gathered in float64, then cast."""
+    def scalings(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(α_t, σ_t) = (√ᾱ_t, √(1−ᾱ_t)) at integer timesteps t (B,), gathered in float64,
+        then broadcast and cast to ``like`` (docs/MATH.md, §1); ``t = −1`` gives (1, 0)."""
         return self._gather("sqrt_alpha_bar", t, like), self._gather("sqrt_one_minus_alpha_bar", t, like)
 
-    # ------------------------------------------------------------------ relations
-
-    def add_noise(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """Sample q(z_t | z0):  ``z_t = √ᾱ_t·z0 + √(1−ᾱ_t)·ε``  (Ho et al. 2020, eq. 4)."""
-        sqrt_ab, sqrt_one_minus_ab = self._coefficients(t, z0)
-        return sqrt_ab * z0 + sqrt_one_minus_ab * eps
-
-    def v_target(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """``v_t = √ᾱ_t·ε − √(1−ᾱ_t)·z0``  (Salimans & Ho 2022, §4: v ≡ α_t ε − σ_t x)."""
-        sqrt_ab, sqrt_one_minus_ab = self._coefficients(t, z0)
-        return sqrt_ab * eps - sqrt_one_minus_ab * z0
-
-    def z0_from_v(self, z_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``z0 = √ᾱ_t·z_t − √(1−ᾱ_t)·v``  (Salimans & Ho 2022, App. D: x = α_t z_t − σ_t v)."""
-        sqrt_ab, sqrt_one_minus_ab = self._coefficients(t, z_t)
-        return sqrt_ab * z_t - sqrt_one_minus_ab * v
-
-    def eps_from_v(self, z_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """``ε = √(1−ᾱ_t)·z_t + √ᾱ_t·v``  (Salimans & Ho 2022, App. D: ε = σ_t z_t + α_t v)."""
-        sqrt_ab, sqrt_one_minus_ab = self._coefficients(t, z_t)
-        return sqrt_one_minus_ab * z_t + sqrt_ab * v
-
-    def eps_from_z0(self, z_t: torch.Tensor, t: torch.Tensor, z0: torch.Tensor) -> torch.Tensor:
-        """``ε = (z_t − √ᾱ_t·z0)/√(1−ᾱ_t)``, eq. 4 of Ho et al. 2020 solved for ε (t ≥ 0)."""
-        sqrt_ab, sqrt_one_minus_ab = self._coefficients(t, z_t)
-        return (z_t - sqrt_ab * z0) / sqrt_one_minus_ab
-
     def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """Signal-to-noise ratio ``SNR(t) = ᾱ_t/(1−ᾱ_t)`` (Kingma et al. 2021), float64, shape of t."""
+        """``SNR(t) = ᾱ_t/(1−ᾱ_t)`` (Kingma et al. 2021), float64, shape of t."""
         t = torch.as_tensor(t).long()
         alpha_bar = self._table("alpha_bar", t.device)[t + 1]
         return alpha_bar / (1.0 - alpha_bar)
+
+    # ------------------------------------------------------------------ the forward process
+
+    def add_noise(self, z0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Sample q(z_t | z0):  ``z_t = α_t·z0 + σ_t·ε``  (Ho et al. 2020, eq. 4; docs/MATH.md, §1)."""
+        alpha, sigma = self.scalings(t, z0)
+        return alpha * z0 + sigma * eps
 
     # ------------------------------------------------------------------ reporting
 

@@ -1,10 +1,12 @@
 """Image quality measures: PSNR, SSIM and MS-SSIM on images in [-1, 1].
 
-SSIM follows Wang et al. 2004 (11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03),
+SSIM follows Wang et al. 2004 (11×11 Gaussian window, σ = 1.5, K1 = 0.01, K2 = 0.03;
+on images smaller than the window, and at MS-SSIM's coarse scales, the window shrinks
+to the image and σ with it),
 computed on intensities mapped to [0, 1] (L = 1): its luminance term assumes
 non-negative intensities and would exaggerate small shifts around 0. MS-SSIM follows
 Wang et al. 2003 with the five standard scale weights, truncated to the scales the
-image size allows.
+image size allows; its last factor is the mean of the full SSIM map, as is usual.
 """
 
 from __future__ import annotations

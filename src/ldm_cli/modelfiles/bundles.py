@@ -12,29 +12,34 @@ statistics it was trained with and the VAE that decodes its latents.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 
-from ldm_cli.checkpoint import LoadedModel, load_model, save_model
 from ldm_cli.config import DataConfig, UNetConfig, VAEModelConfig
+from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.errors import CheckpointError
-from ldm_cli.latents import LatentStats
+from ldm_cli.modelfiles.format import LoadedModel, load_model, save_model
+from ldm_cli.models.latent_stats import LatentStats
 from ldm_cli.models.unet import UNet
 from ldm_cli.models.vae import VAE
-from ldm_cli.schedules import NoiseSchedule
 
 
 @dataclass
 class VAEBundle:
-    """A VAE ready to use, with what it needs to encode and decode consistently."""
+    """A VAE with the statistics that normalise its latents: images ⇄ normalised latents.
 
-    vae: VAE
-    stats: LatentStats  # of posterior samples of its training set
-    data: DataConfig  # what it was trained on (its held-out split is reproducible)
+    `encode` and `decode` are the only way in and out of the latent space the denoiser
+    sees (in the spirit of CompVis' ``encode_first_stage`` / ``decode_first_stage``):
+    ``z_n = (E(x) − mean)/std`` and ``x = D(z_n·std + mean)`` (docs/MATH.md, §6).
+    """
+
+    network: VAE
+    stats: LatentStats  # of posterior samples of the training set the latents come from
+    data: DataConfig  # what the VAE was trained on (its held-out split is reproducible)
 
     @property
     def resolution(self) -> int:
@@ -42,11 +47,30 @@ class VAEBundle:
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
-        return self.vae.latent_shape(self.resolution)
+        return self.network.latent_shape(self.resolution)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.network.parameters()).device
 
     def to(self, device: torch.device | str) -> "VAEBundle":
-        self.vae.to(device)
+        self.network.to(device)
         return self
+
+    def with_stats(self, stats: LatentStats) -> "VAEBundle":
+        """The same network, normalising with other statistics (a denoiser's own)."""
+        return replace(self, stats=stats)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, *, sample: bool = False) -> torch.Tensor:
+        """Normalised latents of images x in [-1, 1]: the posterior mean μ, or a sample μ + σ·ε."""
+        posterior = self.network.encode(x)
+        return self.stats.normalize(posterior.sample() if sample else posterior.mean)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from normalised latents: x = D(z·std + mean), clamped."""
+        return self.network.decode(self.stats.denormalize(z)).clamp(-1, 1)
 
 
 @dataclass
@@ -55,8 +79,7 @@ class DenoiserBundle:
 
     unet: UNet
     schedule: NoiseSchedule
-    stats: LatentStats  # normalisation the denoiser was trained with
-    vae: VAEBundle
+    vae: VAEBundle  # normalising with the statistics the denoiser was trained with
     metadata: dict[str, Any]
 
     @property
@@ -115,7 +138,7 @@ def _vae_from(loaded: LoadedModel, model_key: str, data_key: str, weights: str, 
     vae = VAE(cfg)
     _load_weights(vae, loaded.part(weights), loaded.path, "VAE")
     return VAEBundle(
-        vae=vae.eval().requires_grad_(False),
+        network=vae.eval().requires_grad_(False),
         stats=LatentStats.from_tensors(loaded.tensors, stats_prefix),
         data=_model_config(DataConfig, loaded.metadata[data_key], loaded.path, data_key),
     )
@@ -131,22 +154,26 @@ def load_vae(path: str | Path) -> VAEBundle:
 
 
 def export_denoiser(
-    path: Path, unet: UNet, schedule: NoiseSchedule, stats: LatentStats, vae: VAEBundle,
+    path: Path, unet: UNet, schedule: NoiseSchedule, latents: VAEBundle, vae_stats: LatentStats,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write denoiser.safetensors with the VAE bundled in the same file."""
+    """Write denoiser.safetensors with the VAE bundled in the same file.
+
+    ``latents`` is the VAE normalising with the denoiser's statistics; ``vae_stats`` are
+    the VAE's own (kept so the bundled VAE is complete).
+    """
     tensors = {
         **_prefixed("denoiser", unet.state_dict()),
-        **stats.tensors("latent_stats"),
-        **_prefixed("vae", vae.vae.state_dict()),
-        **vae.stats.tensors("vae_latent_stats"),
+        **latents.stats.tensors("latent_stats"),
+        **_prefixed("vae", latents.network.state_dict()),
+        **vae_stats.tensors("vae_latent_stats"),
     }
     metadata = {
         "model": unet.cfg.model_dump(mode="json"),
         "schedule": schedule.to_metadata(),
-        "vae_model": vae.vae.cfg.model_dump(mode="json"),
-        "vae_data": vae.data.model_dump(mode="json", exclude={"cache_dir"}),
-        "latent_shape": list(vae.latent_shape),
+        "vae_model": latents.network.cfg.model_dump(mode="json"),
+        "vae_data": latents.data.model_dump(mode="json", exclude={"cache_dir"}),
+        "latent_shape": list(latents.latent_shape),
         **(extra or {}),
     }
     return save_model(path, "denoiser", tensors, metadata)
@@ -163,10 +190,10 @@ def load_denoiser(path: str | Path) -> DenoiserBundle:
         schedule = NoiseSchedule.from_metadata(loaded.metadata["schedule"])
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint '{loaded.path}': invalid schedule in metadata ({err})") from None
+    vae = _vae_from(loaded, "vae_model", "vae_data", "vae", "vae_latent_stats")
     return DenoiserBundle(
         unet=unet.eval().requires_grad_(False),
         schedule=schedule,
-        stats=LatentStats.from_tensors(loaded.tensors, "latent_stats"),
-        vae=_vae_from(loaded, "vae_model", "vae_data", "vae", "vae_latent_stats"),
+        vae=vae.with_stats(LatentStats.from_tensors(loaded.tensors, "latent_stats")),
         metadata=loaded.metadata,
     )

@@ -1,6 +1,6 @@
 """Exported models as safetensors files with JSON metadata — never pickle.
 
-File format (DESIGN.md, "Checkpoints and runs"): a safetensors file whose string
+File format (docs/ARCHITECTURE.md, "Model files"): a safetensors file whose string
 metadata holds `format = "ldm"`, `format_version`, `kind` (`vae` or `denoiser`) and
 further JSON-encoded entries (the model config, the schedule, latent statistics, …).
 A denoiser file bundles its VAE: tensors are named `denoiser.*` and `vae.*`, so the
@@ -14,7 +14,6 @@ failure is a `CheckpointError` (exit code 2) with one line naming the file.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ldm_cli.common.files import atomic_write
 from ldm_cli.errors import CheckpointError
 
 FORMAT = "ldm"
@@ -49,11 +49,6 @@ class LoadedModel:
         return {k[len(head) :]: v for k, v in self.tensors.items() if k.startswith(head)}
 
 
-def atomic_write_path(path: Path) -> Path:
-    """A temporary sibling of `path`; write there, then `os.replace` into place."""
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def save_model(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> Path:
     """Write tensors and JSON-encoded metadata atomically as a safetensors file."""
     if kind not in KINDS:
@@ -62,12 +57,8 @@ def save_model(path: str | Path, kind: str, tensors: dict[str, torch.Tensor], me
     header = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "kind": kind}
     header.update({key: json.dumps(value) for key, value in metadata.items()})
     contiguous = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    tmp = atomic_write_path(path)
-    try:
+    with atomic_write(path) as tmp:
         save_file(contiguous, str(tmp), metadata=header)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

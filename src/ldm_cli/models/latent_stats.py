@@ -1,12 +1,9 @@
-"""Latents as the denoiser sees them: normalised posterior samples, and their cache.
+"""The latent space the denoiser sees: VAE posterior samples, normalised per channel.
 
-DESIGN.md: latents fed to the denoiser are normalised to zero mean and unit variance
-per channel with statistics measured on posterior samples z = μ + σ·ε of the training
-set (not the means alone). The statistics travel in both exported files.
-
-The latent cache holds the posterior mean μ and standard deviation σ of every training
-image (and of its mirror image when flipping is on), so training draws a fresh
-z = μ + σ·ε each time without running the encoder.
+Latents fed to the denoiser are normalised to zero mean and unit variance per channel,
+``z_n = (z − mean)/std``, with statistics measured on posterior samples z = μ + σ·ε of
+the training set, not on the means alone (docs/MATH.md, §6). The statistics travel in
+both exported files; `ldm_cli.modelfiles.bundles.VAEBundle` applies them.
 """
 
 from __future__ import annotations
@@ -16,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ldm_cli.data import to_float
+from ldm_cli.data.pixels import to_float
 from ldm_cli.models.vae import VAE
 
 
@@ -79,35 +76,3 @@ def measure_latent_stats(
     """Encode `images` and measure the statistics of their posterior samples."""
     mean, std = encode_posteriors(vae, images, batch_size, device)
     return stats_of_posterior_samples(mean, std, torch.Generator().manual_seed(seed))
-
-
-@dataclass(frozen=True)
-class LatentCache:
-    """Posterior μ and σ of each training example; rows [N, 2N) are the mirrored images."""
-
-    mean: torch.Tensor  # (N or 2N, C, h, w) float32
-    std: torch.Tensor
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def batch(self, indices: torch.Tensor) -> torch.Tensor:
-        """μ and σ of the chosen examples stacked on a new dim 1: (B, 2, C, h, w)."""
-        return torch.stack((self.mean[indices], self.std[indices]), dim=1)
-
-
-def build_latent_cache(
-    vae: VAE, images: torch.Tensor, batch_size: int, device: torch.device | str, flip: bool
-) -> LatentCache:
-    """Encode the training set once (and its mirror images when flipping is on)."""
-    mean, std = encode_posteriors(vae, images, batch_size, device)
-    if flip:
-        mean_f, std_f = encode_posteriors(vae, images, batch_size, device, flip=True)
-        mean, std = torch.cat((mean, mean_f)), torch.cat((std, std_f))
-    return LatentCache(mean=mean, std=std)
-
-
-def sample_posterior(stats_batch: torch.Tensor) -> torch.Tensor:
-    """z = μ + σ·ε from a cache batch of shape (B, 2, C, h, w)."""
-    mean, std = stats_batch[:, 0], stats_batch[:, 1]
-    return mean + std * torch.randn_like(std)

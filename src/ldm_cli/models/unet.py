@@ -12,10 +12,10 @@ Layout (ch_i = base_channels·channel_mults[i], L = number of levels):
 
     conv_in 3×3 (latent_channels → ch_0)
     encoder level i:  blocks_per_level × ConvNeXtBlock(ch_i) [→ SelfAttention if i ∈ attention_levels]
-                      save skip_i; Downsample(ch_i → ch_{i+1}) unless i = L−1
+                      save skip_i; LevelDownsample(ch_i → ch_{i+1}) unless i = L−1
     middle:           ConvNeXtBlock → [SelfAttention if L−1 ∈ attention_levels] → ConvNeXtBlock
     decoder level i (deepest first):
-                      Upsample(ch_{i+1} → ch_i) unless i = L−1
+                      LevelUpsample(ch_{i+1} → ch_i) unless i = L−1
                       concat skip_i, 1×1 conv (2·ch_i → ch_i)
                       blocks_per_level × ConvNeXtBlock(ch_i) [→ SelfAttention if i ∈ attention_levels]
     LayerNorm → conv_out 3×3 (ch_0 → latent_channels)
@@ -144,7 +144,7 @@ class SelfAttention(nn.Module):
         return x + h.reshape(b, height, width, c).permute(0, 3, 1, 2)
 
 
-class Downsample(nn.Module):
+class LevelDownsample(nn.Module):
     """LayerNorm, then a 2×2 stride-2 conv that halves the resolution and sets the width
     of the next level (ConvNeXt's downsampling layer)."""
 
@@ -157,7 +157,7 @@ class Downsample(nn.Module):
         return self.conv(self.norm(x))
 
 
-class Upsample(nn.Module):
+class LevelUpsample(nn.Module):
     """Nearest-neighbour ×2, then a 3×3 conv to the width of the level above."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -168,7 +168,7 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class Stage(nn.Module):
+class LevelBlocks(nn.Module):
     """The blocks of one level: `depth` ConvNeXt blocks, then attention or nothing."""
 
     def __init__(self, channels: int, depth: int, cfg: UNetConfig, cond_dim: int, attention: bool) -> None:
@@ -202,13 +202,13 @@ class Middle(nn.Module):
 
 
 class EncoderLevel(nn.Module):
-    """A Stage, whose output is kept for the decoder, then Downsample (or nothing at the
+    """The level's blocks, whose output is kept for the decoder, then LevelDownsample (or nothing at the
     lowest level). Returns (downsampled, skip)."""
 
-    def __init__(self, channels: int, out_channels: int, stage: Stage, downsample: bool) -> None:
+    def __init__(self, channels: int, out_channels: int, stage: LevelBlocks, downsample: bool) -> None:
         super().__init__()
         self.stage = stage
-        self.downsample: nn.Module = Downsample(channels, out_channels) if downsample else nn.Identity()
+        self.downsample: nn.Module = LevelDownsample(channels, out_channels) if downsample else nn.Identity()
 
     def forward(self, x: Tensor, cond: Tensor) -> tuple[Tensor, Tensor]:
         skip = self.stage(x, cond)
@@ -216,11 +216,11 @@ class EncoderLevel(nn.Module):
 
 
 class DecoderLevel(nn.Module):
-    """Upsample (or nothing at the lowest level), merge the skip, then a Stage."""
+    """LevelUpsample (or nothing at the lowest level), merge the skip, then the level's blocks."""
 
-    def __init__(self, in_channels: int, channels: int, stage: Stage, upsample: bool) -> None:
+    def __init__(self, in_channels: int, channels: int, stage: LevelBlocks, upsample: bool) -> None:
         super().__init__()
-        self.upsample: nn.Module = Upsample(in_channels, channels) if upsample else nn.Identity()
+        self.upsample: nn.Module = LevelUpsample(in_channels, channels) if upsample else nn.Identity()
         self.merge = nn.Conv2d(2 * channels, channels, 1)
         self.stage = stage
 
@@ -258,7 +258,7 @@ class UNet(nn.Module):
             EncoderLevel(
                 channels=widths[i],
                 out_channels=widths[min(i + 1, levels - 1)],
-                stage=Stage(widths[i], cfg.blocks_per_level, cfg, cond_dim, attends[i]),
+                stage=LevelBlocks(widths[i], cfg.blocks_per_level, cfg, cond_dim, attends[i]),
                 downsample=i < levels - 1,
             )
             for i in range(levels)
@@ -269,7 +269,7 @@ class UNet(nn.Module):
             DecoderLevel(
                 in_channels=widths[min(i + 1, levels - 1)],
                 channels=widths[i],
-                stage=Stage(widths[i], cfg.blocks_per_level, cfg, cond_dim, attends[i]),
+                stage=LevelBlocks(widths[i], cfg.blocks_per_level, cfg, cond_dim, attends[i]),
                 upsample=i < levels - 1,
             )
             for i in reversed(range(levels))

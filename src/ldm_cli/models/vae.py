@@ -8,10 +8,10 @@ diffusion model (Rombach et al. 2022) trains its denoiser in that small latent s
 Layout (f = downsample_factor = 2**(levels-1), ch_i = base_channels·channel_mults[i]):
 
     Encoder  conv_in(3 → ch_0)
-             level i: num_res_blocks × ResBlock(→ ch_i), then Downsample (not at the last level)
+             level i: num_res_blocks × ResBlock(→ ch_i), then ConvDownsample (not at the last level)
              mid ResBlock → GroupNorm → SiLU → conv(→ 2·latent_channels) = (μ, log σ²)
     Decoder  conv_in(latent_channels → ch_last) → mid ResBlock
-             level i, deepest first: num_res_blocks × ResBlock(→ ch_i), then Upsample (not at level 0)
+             level i, deepest first: num_res_blocks × ResBlock(→ ch_i), then ConvUpsample (not at level 0)
              GroupNorm → SiLU → conv_out(→ 3)
 
 There is no attention (the model must stay quick on a CPU) and no tanh at the end:
@@ -110,7 +110,7 @@ class ResBlock(nn.Module):
         return self.skip(x) + h
 
 
-class Downsample(nn.Module):
+class ConvDownsample(nn.Module):
     """Halve height and width with a stride-2 3×3 conv."""
 
     def __init__(self, channels: int) -> None:
@@ -121,7 +121,7 @@ class Downsample(nn.Module):
         return self.conv(x)
 
 
-class Upsample(nn.Module):
+class ConvUpsample(nn.Module):
     """Double height and width: nearest-neighbour repeat, then a 3×3 conv."""
 
     def __init__(self, channels: int) -> None:
@@ -153,7 +153,7 @@ class Encoder(nn.Module):
                 layers.append(ResBlock(channels, width))
                 channels = width
             if level < len(widths) - 1:
-                layers.append(Downsample(channels))
+                layers.append(ConvDownsample(channels))
         self.down = nn.Sequential(*layers)
         self.mid = ResBlock(channels, channels)
         self.norm_out = group_norm(channels)
@@ -179,7 +179,7 @@ class Decoder(nn.Module):
                 layers.append(ResBlock(channels, widths[level]))
                 channels = widths[level]
             if level > 0:
-                layers.append(Upsample(channels))
+                layers.append(ConvUpsample(channels))
         self.up = nn.Sequential(*layers)
         self.norm_out = group_norm(channels)
         self.conv_out = nn.Conv2d(channels, 3, 3, padding=1)
@@ -197,7 +197,7 @@ class VAE(nn.Module):
 
     `encode(x)` gives the posterior, `decode(z)` an (unbounded) image, and
     `forward(x)` decodes a reparameterised posterior sample: the reconstruction term
-    and `posterior.kl()` together make the ELBO that `ldm_cli.losses` weighs with β.
+    and `posterior.kl()` together make the ELBO that `ldm_cli.training.vae_loss` weighs with β.
     """
 
     def __init__(self, cfg: VAEModelConfig) -> None:

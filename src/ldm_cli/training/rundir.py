@@ -20,8 +20,8 @@ import re
 import shutil
 from pathlib import Path
 
+from ldm_cli.common.files import check_writable
 from ldm_cli.errors import UsageError
-from ldm_cli.outputs import check_writable
 
 CONFIG_FILE = "config.toml"
 METRICS_CSV = "metrics.csv"
@@ -32,6 +32,11 @@ LATENT_CACHE = "latent-cache.safetensors"  # denoiser runs: encoded training set
 STATE_FILE = "state.pt"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _RUN_MARKERS = (CONFIG_FILE, METRICS_CSV, CHECKPOINTS)
+
+
+def export_name(task_name: str) -> str:
+    """The exported model of a run: `vae.safetensors` or `denoiser.safetensors`."""
+    return f"{task_name}.safetensors"
 
 
 def holds_run(run_dir: Path) -> bool:

@@ -1,4 +1,4 @@
-"""Training losses: the β-VAE objective with a decaying β, and the v-prediction loss.
+"""The β-VAE objective with a decaying β (docs/MATH.md, §8).
 
 β-VAE (Higgins et al. 2017; Kingma & Welling 2014):
     L = rec(x, x̂) + w_s·(1 − SSIM(x, x̂)) + β(step)·KL(q(z|x) ‖ N(0, I))
@@ -6,9 +6,7 @@ with rec the per-pixel mean L1 or MSE and KL the mean over latent elements. β r
 from `beta_start` to `beta_final` over `beta_decay_steps`, so early training keeps the
 latent space smooth and late training sharpens reconstructions.
 
-Diffusion (Salimans & Ho 2022): L = w(t)·‖v_t − v̂(z_t, t)‖², t ~ U{0, …, T−1}, with the
-optional min-SNR-γ weight of Hang et al. 2023 written for v-targets:
-w(t) = min(SNR_t, γ) / (SNR_t + 1).
+The diffusion loss lives with the v-parametrization, in `ldm_cli.diffusion.parametrization`.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm_cli.config import VAELossConfig
-from ldm_cli.image_metrics import ms_ssim, ssim
+from ldm_cli.evaluation.image_metrics import ms_ssim, ssim
 from ldm_cli.models.vae import DiagonalGaussian
 
 
@@ -56,16 +54,3 @@ def vae_loss(
     kl = posterior.kl().float().mean()
     loss = rec + beta * kl
     return loss, {"reconstruction": rec.item(), "kl": kl.item(), "beta": beta}
-
-
-def v_loss_weights(snr: torch.Tensor, min_snr_gamma: float | None) -> torch.Tensor:
-    """Per-sample weight of the v-MSE: 1, or min(SNR, γ)/(SNR + 1) with min-SNR-γ."""
-    if min_snr_gamma is None:
-        return torch.ones_like(snr)
-    return snr.clamp(max=min_snr_gamma) / (snr + 1.0)
-
-
-def v_prediction_loss(v_hat: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Weighted mean over the batch of the per-sample mean squared error ‖v − v̂‖²."""
-    per_sample = (v_hat.float() - v.float()).pow(2).flatten(1).mean(1)
-    return (weights * per_sample).mean()

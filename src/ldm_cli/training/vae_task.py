@@ -1,7 +1,7 @@
 """`ldm train-vae`: the β-VAE as a task of the shared training loop.
 
 Each update draws uint8 images from the cache, maps them to [-1, 1], flips them at
-random, and minimises rec(x, x̂) + β(step)·KL (see `ldm_cli.losses`). At the end the
+random, and minimises rec(x, x̂) + β(step)·KL (`ldm_cli.training.vae_loss`). At the end the
 (EMA) model is exported with the latent statistics of its own training set, so tools
 that only have the VAE normalise latents the same way the denoiser will.
 """
@@ -14,17 +14,17 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ldm_cli import rundir
+from ldm_cli.common.pictures import save_grid
 from ldm_cli.config import VAERunConfig
-from ldm_cli.data import ImageSet, load_images, random_flip, to_float
-from ldm_cli.exports import export_vae
-from ldm_cli.latents import measure_latent_stats
-from ldm_cli.losses import beta_at, vae_loss
+from ldm_cli.data.cache import ImageSet, load_images
+from ldm_cli.data.pixels import random_flip, to_float
+from ldm_cli.modelfiles.bundles import export_vae
+from ldm_cli.models.latent_stats import measure_latent_stats
 from ldm_cli.models.vae import VAE
-from ldm_cli.training import TrainResult, TrainTask, train
-from ldm_cli.viz import save_grid
+from ldm_cli.training import rundir
+from ldm_cli.training.loop import TrainResult, TrainTask, train
+from ldm_cli.training.vae_loss import beta_at, vae_loss
 
-EXPORT_NAME = "vae.safetensors"
 PREVIEW_IMAGES = 8
 
 
@@ -74,13 +74,13 @@ def build_vae_task(config: VAERunConfig, accelerator: Accelerator) -> TrainTask:
     def preview(model: nn.Module, step: int, run_dir: Path) -> None:
         save_preview(model, inputs, run_dir / rundir.PREVIEWS / f"step-{step:08d}.png", f"step {step}")
 
-    def export(model: nn.Module, run_dir: Path) -> None:
+    def export(model: nn.Module, path: Path) -> None:
         device = next(model.parameters()).device
         stats = measure_latent_stats(model, images.train, device=device, seed=config.train.seed)
-        export_vae(run_dir / EXPORT_NAME, model, stats, config.data, {"steps": config.train.max_steps})
+        export_vae(path, model, stats, config.data, {"steps": config.train.max_steps})
 
     return TrainTask(
-        name="vae", model=vae, num_examples=len(images.train), get_batch=get_batch, loss=loss,
+        name=config.task_name, model=vae, num_examples=len(images.train), get_batch=get_batch, loss=loss,
         export=export, preview=preview, metric_panels=["loss", "reconstruction", "kl", "beta"],
         log_scale_panels=["beta", "kl"],
     )
@@ -88,5 +88,4 @@ def build_vae_task(config: VAERunConfig, accelerator: Accelerator) -> TrainTask:
 
 def train_vae(config: VAERunConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:
     """Train a β-VAE as `config` says; returns where it went and how fast."""
-    return train(lambda acc: build_vae_task(config, acc), config, Path(config.output.dir),
-                 resume=resume, overwrite=overwrite, export_name=EXPORT_NAME)
+    return train(lambda acc: build_vae_task(config, acc), config, resume=resume, overwrite=overwrite)

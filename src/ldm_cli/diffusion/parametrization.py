@@ -1,0 +1,91 @@
+"""The v-parametrization and the denoiser's loss — the one home of both (docs/MATH.md, §2–3).
+
+The denoiser predicts ``v_t = α_t·ε − σ_t·z0`` (Salimans & Ho 2022, §4), with
+``α_t = √ᾱ_t`` and ``σ_t = √(1−ᾱ_t)``. Since ``(α_t, σ_t)`` is a rotation angle,
+``z_t`` and ``v_t`` are an orthonormal pair of (z0, ε) and inverting is a rotation back
+(App. D):
+
+    ẑ0 = α_t·z_t − σ_t·v̂        ε̂ = σ_t·z_t + α_t·v̂
+
+Training minimises ``w(t)·‖v̂(z_t, t) − v_t‖²`` with ``t ~ U{0, …, T−1}``, where
+``w(t) = 1`` (the plain v-MSE) or the min-SNR-γ weight ``min(SNR_t, γ)/(SNR_t + 1)``
+(Hang et al. 2023, written for v-targets).
+
+Every function takes the timestep either as a Python int (the samplers: one timestep
+for the whole batch, scalar coefficients) or as a LongTensor (B,) (training: one
+timestep per sample, coefficients broadcast over each sample).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ldm_cli.diffusion.schedules import NoiseSchedule
+
+Timestep = int | torch.Tensor
+
+
+def alpha_sigma(schedule: NoiseSchedule, t: Timestep, like: torch.Tensor) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+    """``(α_t, σ_t) = (√ᾱ_t, √(1−ᾱ_t))``: floats for an int t, else tensors broadcast to ``like``."""
+    if isinstance(t, int):
+        alpha_bar = schedule.alpha_bar_at(t)
+        return math.sqrt(alpha_bar), math.sqrt(1.0 - alpha_bar)
+    return schedule.scalings(t, like)
+
+
+def v_target(schedule: NoiseSchedule, z0: torch.Tensor, t: Timestep, eps: torch.Tensor) -> torch.Tensor:
+    """``v_t = α_t·ε − σ_t·z0`` (Salimans & Ho 2022, §4)."""
+    alpha, sigma = alpha_sigma(schedule, t, z0)
+    return alpha * eps - sigma * z0
+
+
+def predict_z0_eps(
+    schedule: NoiseSchedule, z_t: torch.Tensor, t: Timestep, v_hat: torch.Tensor, clip_limit: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ẑ0, ε̂) from the prediction v̂ at timestep t (Salimans & Ho 2022, App. D).
+
+    ``ẑ0 = α_t·z_t − σ_t·v̂`` and ``ε̂ = σ_t·z_t + α_t·v̂``. With ``clip_limit`` c, ẑ0 is
+    clamped to [−c, c] and ε̂ recomputed from the clamped ẑ0, ``ε̂ = (z_t − α_t·ẑ0)/σ_t``,
+    so that ``z_t = α_t·ẑ0 + σ_t·ε̂`` still holds (docs/MATH.md, §2).
+    """
+    alpha, sigma = alpha_sigma(schedule, t, z_t)
+    z0_hat = alpha * z_t - sigma * v_hat
+    if clip_limit is None:
+        return z0_hat, sigma * z_t + alpha * v_hat
+    z0_hat = z0_hat.clamp(-clip_limit, clip_limit)
+    return z0_hat, (z_t - alpha * z0_hat) / sigma
+
+
+def min_snr_weight(snr: torch.Tensor, gamma: float | None) -> torch.Tensor:
+    """Per-sample weight of the v-MSE: 1, or ``min(SNR, γ)/(SNR + 1)`` with min-SNR-γ."""
+    if gamma is None:
+        return torch.ones_like(snr)
+    return snr.clamp(max=gamma) / (snr + 1.0)
+
+
+def weighted_mse(v_hat: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted mean over the batch of each sample's mean squared error ‖v̂ − v‖²."""
+    per_sample = (v_hat.float() - v.float()).pow(2).flatten(1).mean(1)
+    return (weights * per_sample).mean()
+
+
+class VPredictionLoss:
+    """``L = E_t[w(t)·‖v̂(z_t, t) − v_t‖²]`` with ``z_t = α_t·z0 + σ_t·ε`` (docs/MATH.md, §3).
+
+    In the manner of EDM's loss classes: built from the schedule and the weighting,
+    called with the model and a batch of clean latents, timesteps and noise.
+    """
+
+    def __init__(self, schedule: NoiseSchedule, min_snr_gamma: float | None = None):
+        self.schedule, self.min_snr_gamma = schedule, min_snr_gamma
+
+    def weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return min_snr_weight(self.schedule.snr(t).to(like), self.min_snr_gamma)
+
+    def __call__(self, model: nn.Module, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        z_t = self.schedule.add_noise(z0, t, noise)
+        v_hat = model(z_t, t)
+        return weighted_mse(v_hat, v_target(self.schedule, z0, t, noise), self.weight(t, z0))

@@ -1,0 +1,131 @@
+"""Several processes, one model: the accelerator, each process's share of the batch,
+and the small collectives the loop uses to decide alike on every process.
+
+`train.batch_size` is the GLOBAL batch of one update; each process draws
+batch_size / (world_size × grad_accum_steps) examples per micro-step (`BatchOrder`),
+so a config trains the same way on one CPU or eight GPUs. A stop signal (SIGTERM,
+SIGUSR1) sets `StopFlag`; the loop saves and leaves when any process was signalled.
+"""
+
+from __future__ import annotations
+
+import signal
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from torch import nn
+
+from ldm_cli.config import TrainConfig
+from ldm_cli.errors import ConfigError
+from ldm_cli.training.speed import SpeedSettings, apply_speed_settings, resolve_speed
+
+
+def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, SpeedSettings]:
+    """An Accelerator on CUDA when present, else a real (gloo) CPU process group, with
+    the speed settings (`ldm_cli.training.speed`) that `auto` resolves to on this machine."""
+    AcceleratorState._reset_state(reset_partial_state=False)  # allow several runs per process
+    on_cuda = torch.cuda.is_available()
+    speed = resolve_speed(cfg, on_cuda)
+    apply_speed_settings(speed)
+    precision = "bf16" if speed.bf16 else ("no" if cfg.mixed_precision == "auto" else cfg.mixed_precision)
+    accelerator = Accelerator(cpu=not on_cuda, mixed_precision=precision,
+                              dynamo_backend="inductor" if speed.compile else "no")
+    return accelerator, speed
+
+
+def per_process_batch(cfg: TrainConfig, world_size: int) -> int:
+    """Examples one process draws per micro-step; the global batch must divide evenly."""
+    parts = world_size * cfg.grad_accum_steps
+    if cfg.batch_size % parts:
+        raise ConfigError(
+            [f"train.batch_size {cfg.batch_size} is not divisible by world size {world_size}"
+             f" × grad_accum_steps {cfg.grad_accum_steps}"]
+        )
+    return cfg.batch_size // parts
+
+
+class BatchOrder:
+    """Which examples each process sees at each update — a pure function of the step.
+
+    Epoch e is the permutation drawn from seed + e; update s takes the s-th slice of
+    `global_batch` examples of its epoch; micro-step m and process r take their own
+    contiguous part of it. The union over processes is the same for any world size.
+    """
+
+    def __init__(self, num_examples: int, global_batch: int, accum: int, world: int, rank: int, seed: int):
+        if num_examples < global_batch:
+            raise ConfigError([f"train.batch_size {global_batch} is larger than the training set ({num_examples})"])
+        self.n, self.global_batch, self.seed = num_examples, global_batch, seed
+        self.micro = global_batch // accum
+        self.local = self.micro // world
+        self.rank = rank
+        self.steps_per_epoch = num_examples // global_batch
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int, micro_step: int) -> torch.Tensor:
+        epoch, within = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=generator)
+        start = within * self.global_batch + micro_step * self.micro + self.rank * self.local
+        return self._perm[start : start + self.local]
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGUSR1; the loop finishes the step, checkpoints and exits."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: signals cannot be caught here
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True on every process when any process was signalled (one tiny all-reduce)."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+def all_processes_agree(accelerator: Accelerator, value: int) -> bool:
+    """True when `value` is the same on every process (one small all-gather)."""
+    if accelerator.num_processes == 1:
+        return True
+    values = accelerator.gather(torch.tensor([value], device=accelerator.device))
+    return bool((values == values[0]).all().item())
+
+
+def weights_are_finite(accelerator: Accelerator, model: nn.Module) -> bool:
+    """True when every parameter and buffer is finite on every process."""
+    finite = all(bool(torch.isfinite(t).all()) for t in model.state_dict().values()
+                 if isinstance(t, torch.Tensor) and t.is_floating_point())
+    if accelerator.num_processes == 1:
+        return finite
+    bad = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+    return accelerator.reduce(bad, reduction="sum").item() == 0
+
+
+def mean_over_processes(
+    accelerator: Accelerator, loss: float, parts: dict[str, float]
+) -> tuple[float, dict[str, float]]:
+    """The loss and its logged parts averaged over all processes (one small all-reduce)."""
+    if accelerator.num_processes == 1:
+        return loss, parts
+    values = torch.tensor([loss, *parts.values()], dtype=torch.float64, device=accelerator.device)
+    values = accelerator.reduce(values, reduction="mean").tolist()
+    return values[0], dict(zip(parts, values[1:]))

@@ -38,7 +38,7 @@ def main() -> None:
             "logging.checkpoint_every=100000", "logging.preview_every=100000", "optim.warmup_steps=50",
             f"output.dir='{out}'"])
         result = train_vae(cfg, overwrite=True)
-        report = run_reconstruct(out / "vae.safetensors", out / "recon.png", num=32, overwrite=True)
+        report = run_reconstruct(out / "vae.safetensors", out / "reconstruct", num=32, overwrite=True)
         with open(out / "metrics.csv", newline="") as f:
             rows = list(csv.DictReader(f))
         kl = sum(float(r["kl"]) for r in rows[-20:]) / len(rows[-20:])

@@ -28,6 +28,22 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory):
     mp.undo()
 
 
+@pytest.fixture
+def decode_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts calls to `decoding.decode_image`; the count is `counter[0]`."""
+    from ldm_cli.data import decoding
+
+    counter = [0]
+    real = decoding.decode_image
+
+    def counting(blob: bytes, resolution: int):
+        counter[0] += 1
+        return real(blob, resolution)
+
+    monkeypatch.setattr(decoding, "decode_image", counting)
+    return counter
+
+
 def tiny_vae_overrides(out, steps: int = 20) -> list[str]:
     """`--set` values for a VAE run of a few seconds: 16×16 faces, 2×8×8 latents."""
     return [

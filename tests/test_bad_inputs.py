@@ -192,8 +192,9 @@ def test_existing_outputs_are_not_overwritten(keep, trained_denoiser, trained_va
     expect(ldm("sample", "--checkpoint", trained_denoiser, "--ddim", "--steps", 4, "--num-samples", 1, "--seed", 1,
                "--out", out, "--overwrite"), 0)
     assert sorted(p.name for p in (out / "images").iterdir()) == ["000000.png"], "stale images are removed"
-    recon = keep / "recon.png"
+    recon = keep / "recon"
     expect(ldm("reconstruct", "--vae", trained_vae, "--num", 2, "--out", recon), 0)
-    digest = snapshot(keep)["recon.png"]
-    expect(ldm("reconstruct", "--vae", trained_vae, "--num", 2, "--out", recon), 2, "recon.png' already exists")
-    assert snapshot(keep)["recon.png"] == digest
+    digest = snapshot(keep)["recon/reconstructions.png"]
+    expect(ldm("reconstruct", "--vae", trained_vae, "--num", 2, "--out", recon), 2,
+           "reconstructions.png' already exists")
+    assert snapshot(keep)["recon/reconstructions.png"] == digest

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from conftest import PickleTrap
 from ldm_cli.config import VAEModelConfig
@@ -81,3 +83,52 @@ def test_pickles_are_refused_without_unpickling(tmp_path):
 def test_folder_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="is a folder"):
         load_model(tmp_path, "vae")
+
+
+def raw_ldm_file(path, tensors=None, **header):
+    """An ldm vae file written directly with safetensors: a valid header updated by `header` (None removes)."""
+    metadata = {"format": "ldm", "format_version": "1", "kind": "vae", **header}
+    save_file(tensors or {"w": torch.ones(2)}, str(path), metadata={k: v for k, v in metadata.items() if v is not None})
+    return path
+
+
+@pytest.mark.parametrize(("version", "fragment"), [
+    (None, "metadata lacks 'format_version'"),
+    ("one", "metadata field 'format_version' is 'one', not an integer"),
+    ("1.0", "metadata field 'format_version' is '1.0', not an integer"),
+    ("0", "metadata field 'format_version' is 0; ldm's format versions start at 1"),
+    ("2", "metadata field 'format_version' is 2, newer than this ldm understands (1)"),
+])
+def test_a_missing_or_invalid_format_version_is_named(tmp_path, version, fragment):
+    path = raw_ldm_file(tmp_path / "m.safetensors", format_version=version)
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint '{path}': {fragment}")):
+        load_model(path, "vae")
+
+
+@pytest.mark.parametrize(("kind", "fragment"), [
+    (None, "metadata lacks 'kind'"),
+    ("unet", "metadata field 'kind' is 'unet', not one of vae, denoiser"),
+])
+def test_a_missing_or_unknown_kind_is_named(tmp_path, kind, fragment):
+    path = raw_ldm_file(tmp_path / "m.safetensors", kind=kind)
+    with pytest.raises(CheckpointError, match=re.escape(f"checkpoint '{path}': {fragment}")):
+        load_model(path, "denoiser")
+
+
+@pytest.mark.parametrize("raw", ["{not json", "[1, 2", "NaN", '{"lr": Infinity}'])
+def test_a_metadata_field_that_is_not_json_is_named(tmp_path, raw):
+    path = raw_ldm_file(tmp_path / "m.safetensors", notes=raw)
+    message = f"checkpoint '{path}': metadata field 'notes' is not valid JSON ("
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_model(path, "vae")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_every_floating_tensor_must_be_finite(tmp_path, dtype, value):
+    poisoned = torch.tensor([1.0, value, 2.0], dtype=dtype)
+    path = raw_ldm_file(tmp_path / "m.safetensors", {"steps": torch.arange(3), "a.w": torch.ones(2), "b.w": poisoned})
+    message = (f"checkpoint '{path}': tensor 'b.w' holds non-finite values (NaN/Inf); "
+               "the file is damaged or came from a diverged run")
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_model(path, "vae")

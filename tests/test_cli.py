@@ -89,14 +89,14 @@ def test_train_vae_exports_then_refuses_to_overwrite_the_run(tmp_path):
 
 
 def test_reconstruct_writes_three_pictures_and_scores(trained_vae, tmp_path):
-    out = tmp_path / "recon.png"
+    out = tmp_path / "recon"
     result = ldm("reconstruct", "--vae", trained_vae, "--num", 4, "--out", out)
     assert result.exit_code == 0, result.output
     assert "mean" in result.output and "PSNR" in result.output
-    with Image.open(out) as grid:
+    with Image.open(out / "reconstructions.png") as grid:
         assert grid.width > grid.height / 4  # 2 columns, 4 rows, labelled
-    for name in ("recon-interpolations.png", "recon-prior.png"):
-        with Image.open(tmp_path / name) as img:
+    for name in ("interpolations.png", "prior.png"):
+        with Image.open(out / name) as img:
             img.verify()
 
 
@@ -111,7 +111,9 @@ def test_reconstruct_refuses_wrong_kind_and_garbage(trained_denoiser, tmp_path):
 def test_schedule_plot_prints_table_and_note_and_writes_csv_and_png(tmp_path):
     result = ldm("schedule-plot", "--timesteps", 10, "--out", tmp_path)
     assert result.exit_code == 0, result.output
-    assert "0.90" in result.output.replace("0.89", "0.90") and "note:" in result.output
+    assert "0.90" in result.output.replace("0.89", "0.90")
+    assert "warning: the linear schedule with T=10 keeps" in result.output
+    assert "warning: warning" not in result.output and "note: warning" not in result.output
     with open(tmp_path / "schedules.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     cosine = NoiseSchedule.create("cosine", 10)

@@ -53,20 +53,6 @@ def no_real_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("LDM_CACHE_DIR", raising=False)
 
 
-@pytest.fixture
-def decode_counter(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Counts calls to `decoding.decode_image`; the count is `counter[0]`."""
-    counter = [0]
-    real = decoding.decode_image
-
-    def counting(blob: bytes, resolution: int) -> np.ndarray:
-        counter[0] += 1
-        return real(blob, resolution)
-
-    monkeypatch.setattr(decoding, "decode_image", counting)
-    return counter
-
-
 # --------------------------------------------------------------------------- builtin faces
 
 
@@ -294,6 +280,54 @@ def test_builtin_faces_source_gives_the_seeded_faces_split_by_split_indices(tmp_
     faces = torch.from_numpy(draw_faces(40, 32, seed=7)).permute(0, 3, 1, 2)
     train, holdout = split_indices(40, 0.1, 7)
     assert torch.equal(images.train, faces[train]) and torch.equal(images.holdout, faces[holdout])
+
+
+def test_gif_and_tiff_files_are_read_from_folders_and_zips(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    frames = [solid(COLORS[0]), solid(COLORS[1])]  # an animation: its first frame is the image
+    frames[0].save(folder / "anim.gif", save_all=True, append_images=frames[1:], duration=100)
+    solid(COLORS[2]).save(folder / "b.tif")
+    solid(COLORS[3]).save(folder / "c.TIFF")
+    assert_colors(load_images(config(folder, tmp_path, holdout_fraction=0.0)), [COLORS[0], COLORS[2], COLORS[3]])
+    archive = tmp_path / "imgs.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in folder.iterdir():
+            zf.write(path, path.name)
+    assert_colors(load_images(config(archive, tmp_path, holdout_fraction=0.0)), [COLORS[0], COLORS[2], COLORS[3]])
+
+
+def test_files_ignored_for_their_extension_are_counted_in_one_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    solid(COLORS[0]).save(folder / "good.png")
+    for name in ["notes.txt", "meta.json", "sub/more.json", "LICENSE"]:
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text("not an image")
+    (folder / ".DS_Store").write_text("hidden: not counted")
+    caplog.set_level(logging.WARNING, logger="ldm")
+    load_images(config(folder, tmp_path))
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message == (
+        f"data source '{folder}': ignored 4 files that are not images by their extension (.json, .txt, no extension)"
+    )
+    for name in ["meta.json", "sub/more.json", "LICENSE"]:
+        (folder / name).unlink()
+    caplog.clear()
+    load_images(config(folder, tmp_path))
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.endswith(": ignored 1 file that is not an image by its extension (.txt)")
+
+
+def test_a_folder_of_unknown_formats_names_them_in_its_error(tmp_path: Path) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.heic").write_bytes(b"x")
+    (folder / "b.HEIC").write_bytes(b"x")
+    with pytest.raises(DataError, match=r"no usable image \(found no \.png.*; ignored 2 files that are not images by their extension \(\.heic\)\)$"):
+        load_images(config(folder, tmp_path))
 
 
 def bad_files(folder: Path) -> None:

@@ -37,7 +37,8 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
         with Image.open(tmp_path / rel) as img:
             img.verify()
     page = result.report_html.read_text()
-    assert page.count("data:image/png;base64,") == len(images)
+    assert page.count(";base64,") == len(images)
+    assert page.count("data:image/gif;base64,") == 2, "the two trajectory animations"
     assert "mean PSNR" in markdown and "ᾱ" in markdown and "DDIM" in markdown
 
     again = run_demo(tmp_path, minutes=0.1, vae_overrides=vae, denoiser_overrides=den)

@@ -1,5 +1,6 @@
 """Safe writes: `atomic_write` and the writers built on it leave the old file whole and no
-temporary file behind when a write fails midway; outputs are never silently replaced."""
+temporary file behind when a write fails midway (a full disk becomes one `DiskFullError`
+naming the file); outputs are never silently replaced."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from ldm_cli.common.files import atomic_write, claim_outputs
-from ldm_cli.errors import UsageError
+from ldm_cli.errors import DiskFullError, UsageError
 
 
 def leftovers(folder: Path, keep: set[str]) -> list[str]:
@@ -35,7 +36,8 @@ def test_atomic_write_replaces_the_file_only_when_complete(tmp_path):
 def test_atomic_write_removes_its_temporary_file_on_failure(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
-    with pytest.raises(OSError, match="No space left"), atomic_write(target) as tmp:
+    with pytest.raises(DiskFullError, match=r"cannot write '.*out.txt': no space left on device \(.* free there\)"), \
+            atomic_write(target) as tmp:
         tmp.write_text("half of it")
         raise disk_full()
     assert target.read_text() == "old"
@@ -68,7 +70,7 @@ def test_a_model_file_whose_write_fails_leaves_no_temporary_file(tmp_path, monke
         raise disk_full()
 
     monkeypatch.setattr(fmt, "save_file", half_written)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFullError, match="vae.safetensors"):
         fmt.save_model(tmp_path / "vae.safetensors", "vae", {"w": torch.zeros(2)}, {})
     assert leftovers(tmp_path, set()) == []
 
@@ -84,7 +86,7 @@ def test_a_png_whose_write_fails_leaves_the_old_one_and_no_temporary_file(tmp_pa
         raise disk_full()
 
     monkeypatch.setattr(Image.Image, "save", half_written)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFullError, match="grid.png"):
         save_png(Image.new("RGB", (4, 4), (0, 0, 255)), path)
     assert path.read_bytes() == before
     assert leftovers(tmp_path, {"grid.png"}) == []
@@ -107,7 +109,7 @@ def test_a_schedule_table_whose_write_fails_leaves_no_temporary_file(tmp_path, m
             self.inner.writerow(row)
 
     monkeypatch.setattr(schedule_plot.csv, "writer", FailingWriter)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFullError, match="schedules.csv"):
         schedule_plot.write_table({"cosine": NoiseSchedule.create("cosine", 10)}, tmp_path / "schedules.csv")
     assert leftovers(tmp_path, set()) == []
 

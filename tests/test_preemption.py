@@ -89,7 +89,7 @@ def test_sigterm_saves_exits_75_and_resume_is_exact(tmp_path):
 
     reached = int(metric_rows(run)[-1]["step"])
     assert 3 <= reached < steps
-    assert f"stopped on a signal at step {reached}" in log.read_text()
+    assert f"stopped by SIGTERM at step {reached}" in log.read_text()
     assert state_at(run)["step"] == reached, "saved a checkpoint at the step it reached"
     assert not (run / "vae.safetensors").exists()
 

@@ -15,9 +15,9 @@ import math
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ldm_cli.errors import ConfigError
 
@@ -28,11 +28,33 @@ else:  # pragma: no cover
 
 import tomli_w
 
+OFF_WORDS = ("none", "off")  # how TOML and --set turn an optional setting off (TOML has no null)
+INT64 = 2**63
+SEED_MAX = 2**32 - 1  # every seed derived from a seed (× 1 000 003 + index) then fits in 64 bits
+
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, values re-validated on set."""
+    """Base of every config section: unknown keys are errors, values re-validated on set,
+    floats finite, integers within 64 bits, and "none" (or "off") turns an optional
+    setting off."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _off_means_none(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        optional = field is not None and type(None) in get_args(field.annotation)
+        if optional and isinstance(value, str) and value.strip().lower() in OFF_WORDS:
+            return None
+        return value
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _int_fits_64_bits(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+            raise ValueError("must fit in 64 bits")
+        return value
 
 
 # --------------------------------------------------------------------------- sections
@@ -46,7 +68,7 @@ class DataConfig(Section):
     builtin_size: int = Field(4096, ge=2, description="number of images builtin:faces draws")
     holdout_fraction: float = Field(0.05, ge=0.0, lt=1.0, description="share never trained on")
     flip: bool = Field(True, description="random horizontal flips during training")
-    seed: int = Field(0, description="fixes builtin:faces and the held-out split")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="fixes builtin:faces and the held-out split")
     cache_dir: str | None = Field(None, description="uint8 cache folder; default $LDM_CACHE_DIR or ~/.cache/ldm")
 
 
@@ -62,6 +84,13 @@ class OptimConfig(Section):
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / lr for cosine")
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")
 
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas_in_unit_interval(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError("each Adam β must be in [0, 1)")
+        return betas
+
 
 class TrainConfig(Section):
     """How long and how the shared training loop runs (see `ldm_cli.training.loop`)."""
@@ -73,7 +102,7 @@ class TrainConfig(Section):
         "auto", description="auto: bf16 on CUDA GPUs that support it, else no"
     )
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA of the weights; 0 disables it")
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels-last memory format (auto: on CUDA)")
     tf32: Literal["auto", "on", "off"] = Field("auto", description="TF32 matmuls and convolutions (auto: on CUDA)")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model (auto: on CUDA)")
@@ -87,6 +116,9 @@ class LoggingConfig(Section):
     preview_every: int = Field(500, gt=0)
     keep_checkpoints: int = Field(2, gt=0, description="newest resumable states kept")
     max_nonfinite_in_row: int = Field(5, gt=0, description="stop after this many non-finite losses in a row")
+    report_to: list[Literal["tensorboard", "wandb"]] = Field(
+        default_factory=list, description="experiment trackers (Accelerate's): tensorboard, wandb"
+    )
 
 
 class OutputConfig(Section):
@@ -173,7 +205,13 @@ class DiffusionConfig(Section):
     timesteps: int = Field(1000, ge=1, le=100_000)
     beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
     beta_end: float = Field(0.02, gt=0.0, lt=1.0)
-    min_snr_gamma: float | None = Field(None, gt=0.0, description="min-SNR-γ loss weighting; none to disable")
+    min_snr_gamma: float | None = Field(None, gt=0.0, description="min-SNR-γ loss weighting; \"none\" to disable")
+
+    @model_validator(mode="after")
+    def _linear_betas_increase(self) -> "DiffusionConfig":
+        if self.schedule == "linear" and self.beta_start > self.beta_end:
+            raise ValueError(f"linear schedule needs beta_start <= beta_end, got {self.beta_start} > {self.beta_end}")
+        return self
 
 
 class LatentsConfig(Section):
@@ -208,6 +246,14 @@ class VAERunConfig(RunConfig):
     loss: VAELossConfig = VAELossConfig()
     output: OutputConfig = OutputConfig(dir="runs/vae")
 
+    @model_validator(mode="after")
+    def _resolution_fits_the_vae(self) -> "VAERunConfig":
+        factor = self.model.downsample_factor
+        if self.data.resolution % factor:
+            raise ValueError(f"data.resolution {self.data.resolution} is not divisible by model.downsample_factor "
+                             f"{factor}; use a multiple of {factor}")
+        return self
+
 
 class DenoiserRunConfig(RunConfig):
     """Everything `ldm train-denoiser` reads."""
@@ -233,6 +279,8 @@ def packaged_config(name: str) -> Path:
 
 def read_toml(path: Path) -> dict[str, Any]:
     """Read a TOML file; a missing or malformed file is a one-line `ConfigError`."""
+    if path.is_dir():
+        raise ConfigError([f"{path}: is a folder, not a config file"])
     if not path.is_file():
         raise ConfigError([f"{path}: config file not found"])
     try:
@@ -326,15 +374,14 @@ def load_config(
 
 def to_toml(config: BaseModel) -> str:
     """The resolved config as TOML text, sections in the order of the packaged configs.
-    TOML has no null: keys whose value is None are left out, which is only safe because
-    every Optional field defaults to None."""
+    TOML has no null: a setting that is off is written as "none", which loads back as off."""
     dumped = config.model_dump(mode="json")
     ordered = {key: dumped[key] for key in sorted(dumped, key=lambda k: SECTION_ORDER.index(k)
                                                   if k in SECTION_ORDER else len(SECTION_ORDER))}
-    return tomli_w.dumps(_drop_none(ordered))
+    return tomli_w.dumps(_none_as_off(ordered))
 
 
-def _drop_none(value: Any) -> Any:
+def _none_as_off(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _drop_none(v) for k, v in value.items() if v is not None}
-    return value
+        return {k: _none_as_off(v) for k, v in value.items()}
+    return OFF_WORDS[0] if value is None else value

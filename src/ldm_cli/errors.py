@@ -31,5 +31,9 @@ class DataError(UsageError):
     """A data source that does not exist or holds no usable image."""
 
 
+class DiskFullError(LdmError):
+    """A write that does not fit on its disk (exit 1): names the path and the space."""
+
+
 class CheckpointError(UsageError):
     """A checkpoint file that is missing, corrupt, not safetensors, or of the wrong kind."""

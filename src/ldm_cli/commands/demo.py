@@ -8,7 +8,8 @@ Stages, each through the same function its own command uses:
 `--minutes` scales the training budgets of the packaged quickstart configs (the default,
 10, is sized for a 2-core laptop CPU). A stage whose outputs are already in the folder
 is reused when the command runs again; an interrupted training stage resumes from its
-newest checkpoint. `stages.json` keeps each stage's wall time and results.
+newest checkpoint. `stages.json` keeps each stage's wall time and results (for a training
+stage, the `--minutes` it ran with, which the report shows).
 """
 
 from __future__ import annotations
@@ -124,6 +125,11 @@ def _save_demo_face(cfg: VAERunConfig, path: Path) -> Path:
     return path
 
 
+def sample_outputs(folder: Path, sampler: str) -> list[Path]:
+    """What a sampling stage leaves for the report: the grid and the animated trajectory."""
+    return [folder / f"samples-{sampler}" / "grid.png", folder / f"samples-{sampler}" / "trajectory.gif"]
+
+
 def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str] = (),
                 denoiser_overrides: list[str] = ()) -> list[DemoStage]:
     vae_cfg = demo_vae_config(folder, minutes, vae_overrides)
@@ -136,11 +142,11 @@ def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str
         def run() -> dict[str, Any]:
             resume = latest_checkpoint(Path(cfg.output.dir)) is not None
             result = train_fn(cfg, resume=resume, overwrite=not resume)
-            return {"steps": result.final_step, "steps_per_second": result.steps_per_second}
+            return {"steps": result.final_step, "steps_per_second": result.steps_per_second, "minutes": minutes}
         return run
 
     def reconstruct() -> dict[str, Any]:
-        report = run_reconstruct(vae_file, folder / "reconstruct" / "recon.png", num=8, overwrite=True)
+        report = run_reconstruct(vae_file, folder / "reconstruct", num=8, overwrite=True)
         return {"psnr": report.psnr, "ssim": report.ssim, "mean_psnr": report.mean_psnr, "mean_ssim": report.mean_ssim}
 
     def schedules() -> dict[str, Any]:
@@ -165,11 +171,11 @@ def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str
 
     return [
         DemoStage("train-vae", [vae_file], train_stage(train_vae, vae_cfg)),
-        DemoStage("reconstruct", [folder / "reconstruct" / "recon.png"], reconstruct),
+        DemoStage("reconstruct", [folder / "reconstruct" / "reconstructions.png"], reconstruct),
         DemoStage("schedule-plot", [folder / "schedules" / "noised-latents.png", face], schedules),
         DemoStage("train-denoiser", [den_file], train_stage(train_denoiser, den_cfg)),
-        DemoStage("sample-ddpm", [folder / "samples-ddpm" / "grid.png"], sample("ddpm", None)),
-        DemoStage("sample-ddim", [folder / "samples-ddim" / "grid.png"], sample("ddim", 50)),
+        DemoStage("sample-ddpm", sample_outputs(folder, "ddpm"), sample("ddpm", None)),
+        DemoStage("sample-ddim", sample_outputs(folder, "ddim"), sample("ddim", 50)),
         DemoStage("reimagine", [folder / "reimagine" / "reimagine.png"], reimagine),
     ]
 
@@ -177,14 +183,37 @@ def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str
 # --------------------------------------------------------------------------- report
 
 
+TRAINING_STAGES = ("train-vae", "train-denoiser")
+
+
+def budget_text(records: dict[str, dict[str, Any]], minutes: float) -> str:
+    """The training budget the models were trained with: the `--minutes` each training stage
+    ran with (stages.json), which differs from this run's when they were reused from another run."""
+    ran = {name: records[name].get("minutes") for name in TRAINING_STAGES}
+    if all(m == minutes for m in ran.values()):
+        return f"Training budget --minutes {minutes:g}."
+
+    def how(name: str, ran_with: float | None) -> str:
+        budget = f"ran with --minutes {ran_with:g}" if ran_with is not None else "ran with a budget not recorded"
+        return f"{name} {budget}" + (" (reused from an earlier run)" if records[name].get("reused") else "")
+
+    return (f"Training budgets differ from this run's --minutes {minutes:g}: "
+            + ", ".join(how(name, m) for name, m in ran.items()) + ".")
+
+
+def stage_table(records: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the wall-time table: each stage's seconds, and whether it was reused."""
+    rows = [[name, f"{rec['seconds']:.1f}", "yes" if rec.get("reused") else "no"] for name, rec in records.items()]
+    total = sum(rec["seconds"] for rec in records.values())
+    return ["stage", "seconds", "reused"], rows + [["total", f"{total:.1f}", ""]]
+
+
 def build_report(folder: Path, records: dict[str, dict[str, Any]], minutes: float) -> Report:
     r = Report("ldm demo: latent diffusion on builtin:faces", folder)
-    r.text(f"Training budget --minutes {minutes:g}. Every figure below was produced by the same functions "
+    r.text(f"{budget_text(records, minutes)} Every figure below was produced by the same functions "
            "as the individual ldm commands.")
     r.heading("Wall time of each stage")
-    rows = [[name, f"{rec['seconds']:.1f}", "reused" if rec.get("reused") else ""] for name, rec in records.items()]
-    total = sum(rec["seconds"] for rec in records.values())
-    r.table(["stage", "seconds", ""], rows + [["total", f"{total:.1f}", ""]])
+    r.table(*stage_table(records))
 
     vae, den = records["train-vae"], records["train-denoiser"]
     r.heading("1. β-VAE")
@@ -192,14 +221,14 @@ def build_report(folder: Path, records: dict[str, dict[str, Any]], minutes: floa
     r.image(folder / "vae" / "metrics.png", "VAE training curves over updates: total loss, reconstruction, KL and "
             "the decaying β (raw and smoothed).")
     rec = records["reconstruct"]
-    r.image(folder / "reconstruct" / "recon.png", f"Held-out faces (left) and their reconstructions (right); "
+    r.image(folder / "reconstruct" / "reconstructions.png", f"Held-out faces (left) and their reconstructions (right); "
             f"mean PSNR {rec['mean_psnr']:.2f} dB, mean SSIM {rec['mean_ssim']:.4f}.")
     r.table(["image", "PSNR (dB)", "SSIM"], [[str(i), f"{p:.2f}", f"{s:.4f}"]
                                              for i, (p, s) in enumerate(zip(rec["psnr"], rec["ssim"]))])
-    r.image(folder / "reconstruct" / "recon-interpolations.png",
+    r.image(folder / "reconstruct" / "interpolations.png",
             "Decoded linear interpolations between the latents of pairs of faces: a smooth latent space gives "
             "plausible faces all the way.")
-    r.image(folder / "reconstruct" / "recon-prior.png",
+    r.image(folder / "reconstruct" / "prior.png",
             "Decoded prior samples z ~ N(0, I): where they are not faces, the VAE's latents are not Gaussian "
             "enough to sample directly — which is why a diffusion model is trained on them.")
     r.code((folder / "vae" / "config.toml").read_text())
@@ -226,6 +255,9 @@ def build_report(folder: Path, records: dict[str, dict[str, Any]], minutes: floa
         r.image(folder / f"samples-{sampler}" / "trajectory.png",
                 f"The {name} reverse process: the decoded model input z_t and its predicted clean latent at evenly "
                 "spaced steps.")
+        r.image(folder / f"samples-{sampler}" / "trajectory.gif",
+                f"The {name} reverse process as an animation: z_t (top) and the predicted clean image (bottom) "
+                "of each traced sample, step by step.")
 
     r.heading("5. Reimagine")
     r.image(folder / "reimagine" / "reimagine.png",

@@ -1,9 +1,9 @@
 """`ldm reconstruct`: inputs beside reconstructions, with PSNR/SSIM, and the latent space.
 
 Three pictures judge a β-VAE:
-  FILE.png                 input | reconstruction, one row per image, labelled with PSNR
-  FILE-interpolations.png  decoded z = (1−w)·μ_a + w·μ_b between pairs of inputs
-  FILE-prior.png           decoded prior samples z ~ N(0, I): where the decoder leaves
+  OUT/reconstructions.png  input | reconstruction, one row per image, labelled with PSNR
+  OUT/interpolations.png   decoded z = (1−w)·μ_a + w·μ_b between pairs of inputs
+  OUT/prior.png            decoded prior samples z ~ N(0, I): where the decoder leaves
                            the data manifold, these show it
 """
 
@@ -75,21 +75,20 @@ def prior_samples(vae_bundle: VAEBundle, count: int, seed: int) -> torch.Tensor:
         return vae.decode(z.to(device)).clamp(-1, 1).cpu()
 
 
-def output_paths(out: Path) -> tuple[Path, Path, Path]:
-    """The grid, and the interpolation and prior pictures beside it."""
-    stem = out.with_suffix("")
-    return out, Path(f"{stem}-interpolations.png"), Path(f"{stem}-prior.png")
+def output_paths(out_dir: Path) -> tuple[Path, Path, Path]:
+    """The grid, the interpolations and the prior samples, in the output folder."""
+    return out_dir / "reconstructions.png", out_dir / "interpolations.png", out_dir / "prior.png"
 
 
 def run_reconstruct(
-    vae_path: Path, out: Path, source: str | None = None, num: int = 5, seed: int = 0, overwrite: bool = False
+    vae_path: Path, out_dir: Path, source: str | None = None, num: int = 5, seed: int = 0, overwrite: bool = False
 ) -> ReconstructionReport:
-    """Write the three pictures for `num` images and return per-image PSNR/SSIM."""
+    """Write the three pictures for `num` images into `out_dir`; return per-image PSNR/SSIM."""
     if num < 1:
         raise UsageError(f"--num must be at least 1 (got {num})")
-    if out.suffix.lower() != ".png":
-        raise UsageError(f"--out '{out}': expected a .png file name")
-    grid_path, interpolations_path, prior_path = output_paths(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"--out '{out_dir}': exists and is not a folder")
+    grid_path, interpolations_path, prior_path = output_paths(out_dir)
     claim_outputs([grid_path, interpolations_path, prior_path], overwrite)
     bundle = load_vae(vae_path)
     images = evaluation_images(bundle, source, num)

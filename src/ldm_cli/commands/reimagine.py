@@ -16,15 +16,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm_cli.commands.sample import counting_steps
 from ldm_cli.commands.trajectory import TRAJECTORY_FRAMES, frame_indices
 from ldm_cli.common.device import default_device
 from ldm_cli.common.files import claim_outputs
 from ldm_cli.common.pictures import save_grid
+from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.data.decoding import load_image_file
 from ldm_cli.data.pixels import to_float
 from ldm_cli.diffusion import DEFAULT_STEPS
 from ldm_cli.diffusion.samplers import check_sampler_args
-from ldm_cli.diffusion.sampling import forward_noise, sample
+from ldm_cli.diffusion.sampling import forward_noise, plan_timesteps, sample
 from ldm_cli.errors import UsageError
 from ldm_cli.modelfiles.bundles import DenoiserBundle, load_denoiser
 
@@ -73,23 +75,41 @@ def run_reimagine(
     bundle.to(device)
     original = to_float(load_image_file(image, bundle.vae.resolution).unsqueeze(0))
     z0 = bundle.vae.encode(original.to(device))
-
-    noised, ddpm_out, ddim_out, ddim_steps = {}, {}, {}, {}
-    for strength, t in starts.items():
-        ddim_steps[strength] = max(1, min(t + 1, round(steps * strength)))
-        z_t = forward_noise(bundle.schedule, z0, t, forward_noise_generator(seed)).repeat(num_seeds, 1, 1, 1)
-        chains = [torch.Generator().manual_seed(seed + k) for k in range(num_seeds)]
-        common = dict(z_start=z_t, t_start=t, clip_limit=clip_limit, device=device)
-        noised[strength] = z_t[:1]
-        ddpm_out[strength] = sample(bundle.unet, bundle.schedule, z_t.shape, sampler="ddpm", generator=chains, **common)
-        ddim_out[strength] = sample(bundle.unet, bundle.schedule, z_t.shape, sampler="ddim",
-                                    steps=ddim_steps[strength], **common)
-
-    grid = save_reimagine_grid(bundle, original, strengths, starts, noised, ddpm_out, ddim_out, seed, steps, out_dir)
+    ddim_steps = {s: max(1, min(t + 1, round(steps * s))) for s, t in starts.items()}
     middle = sorted(strengths)[len(strengths) // 2]
-    trajectory = reimagine_trajectory(bundle, noised[middle], starts[middle], middle, ddim_steps[middle], seed,
-                                      clip_limit, device, out_dir)
+
+    noised, ddpm_out, ddim_out = {}, {}, {}
+    what = f"reimagine {len(starts)} strength(s) × {num_seeds} seed(s), DDPM and DDIM"
+    with ProgressReporter(what, model_evaluations(bundle, starts, ddim_steps, middle), unit="steps") as progress:
+        for strength, t in starts.items():
+            z_t = forward_noise(bundle.schedule, z0, t, forward_noise_generator(seed)).repeat(num_seeds, 1, 1, 1)
+            chains = [torch.Generator().manual_seed(seed + k) for k in range(num_seeds)]
+            common = dict(z_start=z_t, t_start=t, clip_limit=clip_limit, device=device,
+                          callback=counting_steps(progress))
+            noised[strength] = z_t[:1]
+            ddpm_out[strength] = sample(bundle.unet, bundle.schedule, z_t.shape, sampler="ddpm", generator=chains,
+                                        **common)
+            ddim_out[strength] = sample(bundle.unet, bundle.schedule, z_t.shape, sampler="ddim",
+                                        steps=ddim_steps[strength], **common)
+        grid = save_reimagine_grid(bundle, original, strengths, starts, noised, ddpm_out, ddim_out, seed, steps,
+                                   out_dir)
+        trajectory = reimagine_trajectory(bundle, noised[middle], starts[middle], middle, ddim_steps[middle], seed,
+                                          clip_limit, device, out_dir, progress)
     return ReimagineReport(grid=grid, trajectory=trajectory, start_timesteps=starts, ddim_steps=ddim_steps)
+
+
+def chain_evaluations(bundle: DenoiserBundle, t: int, ddim_steps: int) -> int:
+    """Model evaluations of one DDPM and one DDIM chain from t."""
+    ddpm = plan_timesteps(bundle.schedule, "ddpm", None, "trailing", t)
+    ddim = plan_timesteps(bundle.schedule, "ddim", ddim_steps, "trailing", t)
+    return len(ddpm) + len(ddim)
+
+
+def model_evaluations(bundle: DenoiserBundle, starts: dict[float, int], ddim_steps: dict[float, int],
+                      middle: float) -> int:
+    """What reimagine's progress counts: both chains at every strength, then both again for the trajectory."""
+    grid = sum(chain_evaluations(bundle, t, ddim_steps[s]) for s, t in starts.items())
+    return grid + chain_evaluations(bundle, starts[middle], ddim_steps[middle])
 
 
 def save_reimagine_grid(
@@ -114,7 +134,7 @@ def save_reimagine_grid(
 
 def reimagine_trajectory(
     bundle: DenoiserBundle, z_t: torch.Tensor, t: int, strength: float, ddim_steps: int, seed: int,
-    clip_limit: float | None, device: torch.device, out_dir: Path,
+    clip_limit: float | None, device: torch.device, out_dir: Path, progress: ProgressReporter,
 ) -> Path:
     """The intermediate ẑ0 of DDPM (first seed) and DDIM from the same noised latent, one row each."""
     rows, labels = [], []
@@ -128,7 +148,7 @@ def reimagine_trajectory(
 
         sample(bundle.unet, bundle.schedule, z_t.shape, sampler=sampler, steps=steps,
                generator=[torch.Generator().manual_seed(seed)], z_start=z_t, t_start=t, clip_limit=clip_limit,
-               device=device, callback=keep_prediction)
+               device=device, callback=counting_steps(progress, keep_prediction))
         frames = bundle.vae.decode(torch.cat([z_t] + predictions)).cpu()
         pad = TRAJECTORY_FRAMES + 1 - len(frames)
         rows.append(torch.cat([frames, torch.ones_like(frames[:1]).repeat(max(0, pad), 1, 1, 1)]))

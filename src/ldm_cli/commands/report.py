@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import html
+import mimetypes
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,8 @@ class Report:
                 parts.append(f"<pre>{html.escape(b.text)}</pre>")
             else:
                 data = base64.b64encode(b.path.read_bytes()).decode("ascii")
-                parts.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(b.text)}'>"
+                mime = mimetypes.guess_type(b.path.name)[0] or "image/png"
+                parts.append(f"<figure><img src='data:{mime};base64,{data}' alt='{html.escape(b.text)}'>"
                              f"<figcaption>{html.escape(b.text)}</figcaption></figure>")
         parts.append("</body></html>")
         return "\n".join(parts)

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from ldm_cli.commands.trajectory import TrajectoryRecorder, frame_indices
+from ldm_cli.commands.trajectory import TrajectoryRecorder, frame_indices, save_trajectory_gif, save_trajectory_grid
 from ldm_cli.common.device import default_device
 from ldm_cli.common.files import claim_outputs
 from ldm_cli.common.pictures import save_grid, save_images
+from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.diffusion.samplers import check_batch_size, check_sampler_args
-from ldm_cli.diffusion.sampling import plan_timesteps, sample_in_batches
+from ldm_cli.diffusion.sampling import Callback, plan_timesteps, sample_in_batches
 from ldm_cli.errors import UsageError
 from ldm_cli.modelfiles.bundles import load_denoiser
 
@@ -38,6 +39,16 @@ class SampleReport:
     trajectory: Path | None
     timesteps_used: int
     seconds: float = 0.0
+    trajectory_gif: Path | None = None  # the reverse process as an animation, with `trajectory`
+
+
+def counting_steps(progress: ProgressReporter, then: Callback | None = None) -> Callback:
+    """A sampler callback that counts each step (one model evaluation of a batch), then calls `then`."""
+    def callback(i: int, t: int, z: torch.Tensor, z0_hat: torch.Tensor) -> None:
+        progress.advance()
+        if then is not None:
+            then(i, t, z, z0_hat)
+    return callback
 
 
 def run_sample(
@@ -46,12 +57,14 @@ def run_sample(
     trajectory: bool = False, spacing: str = "trailing", device: torch.device | None = None,
     overwrite: bool = False,
 ) -> SampleReport:
-    """Sample `num_samples` images in batches; write a grid, one PNG each, and a trajectory."""
+    """Sample `num_samples` images in batches; write a grid, one PNG each, and a trajectory (PNG and GIF).
+
+    Progress counts model evaluations: batches × sampler steps."""
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: must be at least 1")
     check_batch_size(batch_size)
-    claim_outputs([out_dir / "grid.png", out_dir / "images"] + ([out_dir / "trajectory.png"] if trajectory else []),
-                  overwrite)
+    trajectory_files = [out_dir / "trajectory.png", out_dir / "trajectory.gif"] if trajectory else []
+    claim_outputs([out_dir / "grid.png", out_dir / "images", *trajectory_files], overwrite)
     for stale in sorted((out_dir / "images").glob("[0-9]*.png")):  # only reached with --overwrite
         stale.unlink()
     bundle = load_denoiser(checkpoint)
@@ -68,23 +81,28 @@ def run_sample(
     started = time.perf_counter()
     shown: list[torch.Tensor] = []
     written: list[Path] = []
-    batches = sample_in_batches(
-        model, bundle.schedule, num_samples, bundle.latent_shape, batch_size, seed, sampler=sampler, steps=steps,
-        eta=eta, clip_limit=clip_limit, spacing=spacing, device=device,
-        callback=recorder.callback if trajectory else None,
-    )
-    for z in batches:
-        recorder.active = False  # only the first batch is traced
-        images = bundle.vae.decode(z).cpu()
-        written += save_images(images, out_dir / "images", start_index=len(written))
-        if sum(len(s) for s in shown) < GRID_MAX:
-            shown.append(images[: GRID_MAX - sum(len(s) for s in shown)])
+    num_batches = math.ceil(num_samples / batch_size)
+    what = f"sample {num_samples} images ({sampler.upper()}-{num_steps}, {num_batches} batch(es))"
+    with ProgressReporter(what, num_batches * num_steps, unit="steps") as progress:
+        batches = sample_in_batches(
+            model, bundle.schedule, num_samples, bundle.latent_shape, batch_size, seed, sampler=sampler, steps=steps,
+            eta=eta, clip_limit=clip_limit, spacing=spacing, device=device,
+            callback=counting_steps(progress, recorder.callback if trajectory else None),
+        )
+        for z in batches:
+            recorder.active = False  # only the first batch is traced
+            images = bundle.vae.decode(z).cpu()
+            written += save_images(images, out_dir / "images", start_index=len(written))
+            if sum(len(s) for s in shown) < GRID_MAX:
+                shown.append(images[: GRID_MAX - sum(len(s) for s in shown)])
     seconds = time.perf_counter() - started
     grid_images = torch.cat(shown)
     label = f"{sampler.upper()}-{num_steps}" + (f", clip {clip_limit}" if clip_limit else "") + f", seed {seed}"
     grid = save_grid(grid_images, out_dir / "grid.png", ncols=math.ceil(math.sqrt(len(grid_images))), title=label)
-    trajectory_path = None
-    if trajectory:
-        trajectory_path = recorder.save(bundle.vae, out_dir / "trajectory.png",
-                                        f"reverse process, {label}: model input z_t and predicted clean z0")
-    return SampleReport(out_dir, grid, written, trajectory_path, num_steps, seconds)
+    if not trajectory:
+        return SampleReport(out_dir, grid, written, None, num_steps, seconds)
+    decoded = recorder.decode(bundle.vae)
+    trajectory_png = save_trajectory_grid(decoded, out_dir / "trajectory.png",
+                                          f"reverse process, {label}: model input z_t and predicted clean z0")
+    trajectory_gif = save_trajectory_gif(decoded, out_dir / "trajectory.gif")
+    return SampleReport(out_dir, grid, written, trajectory_png, num_steps, seconds, trajectory_gif)

@@ -8,6 +8,8 @@ Commands call `claim_outputs` before any work, so nothing already on disk is los
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,7 +17,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ldm_cli.errors import UsageError
+from ldm_cli.errors import DiskFullError, UsageError
 
 
 def temporary_sibling(path: Path, *, shared: bool = False) -> Path:
@@ -32,6 +34,49 @@ def remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+def format_bytes(count: int) -> str:
+    """A byte count for people: '1000 bytes', '4 KiB', '17.3 MiB'."""
+    if count < 1024:
+        return f"{count} bytes"
+    value, unit = float(count), "bytes"
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024:
+            break
+    return f"{round(value, 1):g} {unit}"
+
+
+def free_bytes(path: Path) -> int:
+    """Free space on the disk that holds `path` (or its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def require_free_space(folder: Path, needed: int, what: str) -> None:
+    """Refuse (exit 1) a write of about `needed` bytes that would not fit, before it starts."""
+    free = free_bytes(folder)
+    if needed > free:
+        raise DiskFullError(f"{what} needs about {format_bytes(needed)} in '{folder}', but only "
+                            f"{format_bytes(free)} is free there; free some space or write elsewhere")
+
+
+@contextmanager
+def no_space_is_an_error(path: Path) -> Iterator[None]:
+    """Turn "no space left on device" while writing `path` into one `DiskFullError` line."""
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in NO_SPACE:
+            raise
+        raise DiskFullError(f"cannot write '{path}': no space left on device "
+                            f"({format_bytes(free_bytes(path))} free there)") from None
+
+
 @contextmanager
 def atomic_write(path: str | Path, *, shared: bool = False, owner: bool = True) -> Iterator[Path]:
     """Yield a temporary path to write `path` at (a file, or a folder the caller creates);
@@ -46,14 +91,24 @@ def atomic_write(path: str | Path, *, shared: bool = False, owner: bool = True) 
     if owner:
         remove(tmp)  # a leftover of a killed earlier write
     try:
-        yield tmp
-        if owner:
-            if tmp.is_dir():
-                remove(path)  # os.replace cannot replace a non-empty folder
-            os.replace(tmp, path)
+        with no_space_is_an_error(path):
+            yield tmp
+            if owner:
+                if tmp.is_dir():
+                    remove(path)  # os.replace cannot replace a non-empty folder
+                os.replace(tmp, path)
     finally:
         if owner:
             remove(tmp)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def check_writable(path: Path) -> None:

@@ -3,7 +3,9 @@
 Every image is EXIF-oriented, converted to RGB (transparency composited on white,
 16-bit values scaled to 8 bits), its short side resized with Lanczos and its centre
 cropped to a square. Files that are not usable images raise `UndecodableImage` with a
-short reason; `decode_all` collects those reasons instead of stopping.
+short reason; `decode_all` collects those reasons, and those of files skipped unread
+(`ldm_cli.data.sources.UnreadableFile`: a FIFO, a device, a file over the size limit),
+instead of stopping.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from ldm_cli.data.sources import Source, member_reader
+from ldm_cli.data.sources import Source, UnreadableFile, member_reader, read_regular_file
 from ldm_cli.errors import DataError
 
 logger = logging.getLogger("ldm")
@@ -142,6 +144,8 @@ def decode_all(source: Source, resolution: int, out: np.ndarray) -> dict[int, st
             for i, name in enumerate(source.members[start:start + chunk], start):
                 try:
                     blobs[i] = read(name)
+                except UnreadableFile as err:  # a FIFO, a device, too large: skipped unread
+                    failures[i] = err.reason
                 except Exception as err:  # unreadable file, bad zip member: skipped like a bad image
                     failures[i] = f"cannot be read ({err})"
             results = pool.map(decode_or_reason, blobs.values(), repeat(resolution))
@@ -157,14 +161,20 @@ def decode_all(source: Source, resolution: int, out: np.ndarray) -> dict[int, st
 
 
 def load_image_file(path: str | Path, resolution: int) -> torch.Tensor:
-    """One image file, preprocessed like a data set: uint8 `(3, resolution, resolution)`."""
+    """One image file, preprocessed like a data set: uint8 `(3, resolution, resolution)`.
+
+    Read like a data set's files: a regular file (or a symlink to one) of at most
+    `MAX_IMAGE_BYTES`; anything else is a one-line `DataError` naming what it is.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image '{path}': no such file")
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path)
+    except FileNotFoundError:
+        raise DataError(f"image '{path}': no such file") from None
+    except UnreadableFile as err:
+        raise DataError(f"image '{path}': {err.reason}") from None
     except OSError as err:
-        raise DataError(f"image '{path}': cannot be read ({err.strerror})") from None
+        raise DataError(f"image '{path}': cannot be read ({err.strerror or err})") from None
     try:
         with bombs_are_errors():
             array = decode_image(data, resolution)

@@ -81,8 +81,8 @@ def make_betas(kind: str, timesteps: int, beta_start: float, beta_end: float) ->
     if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 1:
         raise UsageError(f"noise schedule timesteps must be an integer >= 1, got {timesteps!r}")
     if kind == "linear":
-        if not (0.0 < beta_start < 1.0 and 0.0 < beta_end < 1.0):
-            raise UsageError(f"linear schedule needs 0 < beta_start, beta_end < 1, got {beta_start}, {beta_end}")
+        if not 0.0 < beta_start <= beta_end < 1.0:
+            raise UsageError(f"linear schedule needs 0 < beta_start <= beta_end < 1, got {beta_start}, {beta_end}")
         return linear_betas(timesteps, beta_start, beta_end)
     if kind == "cosine":
         return betas_from_alpha_bar_curve(cosine_alpha_bar_curve(timesteps))
@@ -239,7 +239,7 @@ def linear_schedule_warning(schedule: NoiseSchedule) -> str | None:
     if last <= WARN_LAST_ALPHA_BAR:
         return None
     return (
-        f"warning: the {schedule.kind} schedule with T={schedule.timesteps} keeps ᾱ={last:.3f} of the signal at its "
+        f"the {schedule.kind} schedule with T={schedule.timesteps} keeps ᾱ={last:.3f} of the signal at its "
         f"last step (more than {WARN_LAST_ALPHA_BAR}), so sampling from pure noise does not match training; "
         "use more timesteps, larger betas or the cosine schedule"
     )

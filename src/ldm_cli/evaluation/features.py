@@ -45,7 +45,6 @@ one-line `UsageError` (exit code 2) that names it.
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -56,6 +55,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from ldm_cli.common.files import file_sha256
 from ldm_cli.errors import UsageError
 
 INCEPTION_FILE = "inception_v3_google-0cc3c7bd.pth"
@@ -121,15 +121,6 @@ def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message, or its type name."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     return lines[0] if lines else type(err).__name__
-
-
-def file_digest(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_file(path: Path, what: str) -> None:
@@ -211,7 +202,7 @@ def load_inception(path: Path | None, device: torch.device) -> FeatureNetwork:
     """torchvision's Inception v3 pool features, weights from `path` or torchvision's cache."""
     path = find_inception_weights(path)
     model = build_inception(read_state_dict(path), path)
-    identity = f"torchvision-inception-v3:{file_digest(path)}:{INCEPTION_SIZE}:imagenet-norm"
+    identity = f"torchvision-inception-v3:{file_sha256(path)}:{INCEPTION_SIZE}:imagenet-norm"
     return FeatureNetwork("inception-v3 (torchvision)", identity, model.to(device), INCEPTION_SIZE,
                           normalize=True, device=device, source=path)
 
@@ -233,7 +224,7 @@ def load_scripted(path: Path, input_size: int | None, device: torch.device) -> F
             f"features network '{path}': not a TorchScript file ({first_line(err)}); "
             "save the network with torch.jit.save(torch.jit.script(model), PATH)"
         ) from None
-    identity = f"torchscript:{file_digest(path)}:{input_size or 'native'}"
+    identity = f"torchscript:{file_sha256(path)}:{input_size or 'native'}"
     name = f"torchscript {path.name}" + (f" @{input_size}px" if input_size else "")
     return FeatureNetwork(name, identity, module.eval(), input_size, normalize=False, device=device, source=path)
 

@@ -8,21 +8,29 @@ denoiser.safetensors   tensors  denoiser.* (EMA weights), latent_stats.{mean,std
 
 A denoiser file alone is enough to sample: it carries the schedule, the latent
 statistics it was trained with and the VAE that decodes its latents.
+
+Loading reads every metadata field through `read_field` with a parser that checks its
+type, shape and agreement with the rest of the file, and every group of tensors through
+`read_tensors` against the network the config builds: a damaged file is refused with one
+line naming the field or tensor, never loaded in part.
 """
 
 from __future__ import annotations
 
+import reprlib
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
+from pydantic import ConfigDict, TypeAdapter
+from typing_extensions import TypedDict  # pydantic needs this one before Python 3.12
 
 from ldm_cli.config import DataConfig, UNetConfig, VAEModelConfig
 from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.errors import CheckpointError
-from ldm_cli.modelfiles.format import LoadedModel, load_model, save_model
+from ldm_cli.modelfiles.format import FieldProblem, LoadedModel, load_model, read_field, read_tensors, save_model
 from ldm_cli.models.latent_stats import LatentStats
 from ldm_cli.models.unet import UNet
 from ldm_cli.models.vae import VAE
@@ -96,25 +104,67 @@ def _prefixed(prefix: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return {f"{prefix}.{k}": v for k, v in state.items()}
 
 
-def _model_config(cls, data: Any, path: Path, key: str):
-    try:
-        return cls.model_validate(data)
-    except ValidationError as err:
-        raise CheckpointError(f"checkpoint '{path}': invalid {key} in metadata ({err.errors()[0]['msg']})") from None
+# --------------------------------------------------------------------------- reading a file
+
+LatentShape = tuple[int, int, int]
 
 
-def _load_weights(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0]
-        raise CheckpointError(f"checkpoint '{path}': {what} weights do not match its config ({first})") from None
+class _ScheduleFields(TypedDict):
+    """The `schedule` metadata field, as `NoiseSchedule.to_metadata` writes it."""
+
+    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
+    kind: str
+    timesteps: int
+    beta_start: float
+    beta_end: float
 
 
-def _require(loaded: LoadedModel, keys: list[str]) -> None:
-    missing = [k for k in keys if k not in loaded.metadata]
-    if missing:
-        raise CheckpointError(f"checkpoint '{loaded.path}': metadata lacks {', '.join(missing)}")
+_SCHEDULE_FIELDS = TypeAdapter(_ScheduleFields)
+
+
+def _schedule(value: Any) -> NoiseSchedule:
+    """The schedule; `NoiseSchedule.create` refuses values out of range (a `UsageError`)."""
+    fields = _SCHEDULE_FIELDS.validate_python(value)
+    return NoiseSchedule.create(fields["kind"], fields["timesteps"], fields["beta_start"], fields["beta_end"])
+
+
+def _data_for(vae: VAE, value: Any) -> DataConfig:
+    """The data config, whose resolution the VAE must be able to encode."""
+    data = DataConfig.model_validate(value)
+    vae.latent_shape(data.resolution)  # ValueError unless a multiple of the downsample factor
+    return data
+
+
+def _unet_config_for(latent_shape: LatentShape, value: Any) -> UNetConfig:
+    """The U-Net config, whose latents must be those the bundled VAE makes."""
+    cfg = UNetConfig.model_validate(value)
+    own = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    if own != latent_shape:
+        raise FieldProblem(f"describes latents {own}, but its VAE makes {latent_shape}")
+    return cfg
+
+
+def _latent_shape_equal_to(expected: LatentShape, value: Any) -> None:
+    """The `latent_shape` field records what the VAE makes; anything else is damage."""
+    if value != list(expected):
+        raise FieldProblem(f"is {reprlib.repr(value)}, but the VAE's config gives {expected}")
+
+
+def _load_weights(module: torch.nn.Module, loaded: LoadedModel, prefix: str, what: str) -> None:
+    """Load the tensors under `prefix.` into `module`, refusing any that do not fit it."""
+    module.load_state_dict(read_tensors(loaded, prefix, module.state_dict(), f"{what} weights"))
+
+
+def _latent_stats(loaded: LoadedModel, prefix: str, channels: int) -> LatentStats:
+    """`prefix.mean` and `prefix.std`, one value per latent channel, std > 0."""
+    expected = {"mean": torch.empty(channels), "std": torch.empty(channels)}
+    stats = read_tensors(loaded, prefix, expected, "latent statistics")
+    if not bool((stats["std"] > 0).all()):
+        raise CheckpointError(
+            f"checkpoint '{loaded.path}': tensor '{prefix}.std' holds values <= 0; "
+            "a standard deviation must be positive"
+        )
+    return LatentStats(mean=stats["mean"].float(), std=stats["std"].float())
 
 
 # --------------------------------------------------------------------------- VAE
@@ -133,21 +183,22 @@ def export_vae(path: Path, vae: VAE, stats: LatentStats, data: DataConfig, extra
 
 
 def _vae_from(loaded: LoadedModel, model_key: str, data_key: str, weights: str, stats_prefix: str) -> VAEBundle:
-    _require(loaded, [model_key, data_key])
-    cfg = _model_config(VAEModelConfig, loaded.metadata[model_key], loaded.path, model_key)
-    vae = VAE(cfg)
-    _load_weights(vae, loaded.part(weights), loaded.path, "VAE")
+    vae = VAE(read_field(loaded, model_key, VAEModelConfig.model_validate))
+    data = read_field(loaded, data_key, partial(_data_for, vae))
+    _load_weights(vae, loaded, weights, "VAE")
     return VAEBundle(
         network=vae.eval().requires_grad_(False),
-        stats=LatentStats.from_tensors(loaded.tensors, stats_prefix),
-        data=_model_config(DataConfig, loaded.metadata[data_key], loaded.path, data_key),
+        stats=_latent_stats(loaded, stats_prefix, vae.cfg.latent_channels),
+        data=data,
     )
 
 
 def load_vae(path: str | Path) -> VAEBundle:
     """Rebuild a VAE from vae.safetensors (a denoiser file is refused: wrong kind)."""
     loaded = load_model(path, "vae")
-    return _vae_from(loaded, "model", "data", "vae", "latent_stats")
+    bundle = _vae_from(loaded, "model", "data", "vae", "latent_stats")
+    read_field(loaded, "latent_shape", partial(_latent_shape_equal_to, bundle.latent_shape))
+    return bundle
 
 
 # --------------------------------------------------------------------------- denoiser
@@ -182,18 +233,13 @@ def export_denoiser(
 def load_denoiser(path: str | Path) -> DenoiserBundle:
     """Rebuild the EMA denoiser, its schedule, its latent statistics and its VAE."""
     loaded = load_model(path, "denoiser")
-    _require(loaded, ["model", "schedule"])
-    cfg = _model_config(UNetConfig, loaded.metadata["model"], loaded.path, "model")
-    unet = UNet(cfg)
-    _load_weights(unet, loaded.part("denoiser"), loaded.path, "denoiser")
-    try:
-        schedule = NoiseSchedule.from_metadata(loaded.metadata["schedule"])
-    except (KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint '{loaded.path}': invalid schedule in metadata ({err})") from None
     vae = _vae_from(loaded, "vae_model", "vae_data", "vae", "vae_latent_stats")
+    read_field(loaded, "latent_shape", partial(_latent_shape_equal_to, vae.latent_shape))
+    unet = UNet(read_field(loaded, "model", partial(_unet_config_for, vae.latent_shape)))
+    _load_weights(unet, loaded, "denoiser", "denoiser")
     return DenoiserBundle(
         unet=unet.eval().requires_grad_(False),
-        schedule=schedule,
-        vae=vae.with_stats(LatentStats.from_tensors(loaded.tensors, "latent_stats")),
+        schedule=read_field(loaded, "schedule", _schedule),
+        vae=vae.with_stats(_latent_stats(loaded, "latent_stats", vae.latent_shape[0])),
         metadata=loaded.metadata,
     )

@@ -9,10 +9,12 @@ both exported files; `ldm_cli.modelfiles.bundles.VAEBundle` applies them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.data.pixels import to_float
 from ldm_cli.models.vae import VAE
 
@@ -46,20 +48,35 @@ def _batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
         yield images[start : start + batch_size]
 
 
+def encoding_progress(description: str, images: int, enabled: bool | None = None) -> ProgressReporter:
+    """Progress of encoding `images` images, counted in images."""
+    return ProgressReporter(description, images, enabled=enabled, unit="images")
+
+
+def _reporting(progress: ProgressReporter | None, images: int) -> AbstractContextManager[ProgressReporter]:
+    """The caller's reporter (left running), or one of its own for these images."""
+    return nullcontext(progress) if progress is not None else encoding_progress("encode latents", images)
+
+
 @torch.no_grad()
 def encode_posteriors(
-    vae: VAE, images: torch.Tensor, batch_size: int, device: torch.device | str = "cpu", flip: bool = False
+    vae: VAE, images: torch.Tensor, batch_size: int, device: torch.device | str = "cpu", flip: bool = False,
+    progress: ProgressReporter | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior (μ, σ) of every uint8 image, as float32 CPU tensors (N, C, h, w)."""
+    """Posterior (μ, σ) of every uint8 image, as float32 CPU tensors (N, C, h, w).
+
+    Each batch advances `progress` by its images (without one, a reporter of its own shows)."""
     means, stds = [], []
     vae.eval()
-    for batch in _batches(images, batch_size):
-        x = to_float(batch.to(device))
-        if flip:
-            x = x.flip(-1)
-        posterior = vae.encode(x)
-        means.append(posterior.mean.float().cpu())
-        stds.append(posterior.std.float().cpu())
+    with _reporting(progress, len(images)) as bar:
+        for batch in _batches(images, batch_size):
+            x = to_float(batch.to(device))
+            if flip:
+                x = x.flip(-1)
+            posterior = vae.encode(x)
+            means.append(posterior.mean.float().cpu())
+            stds.append(posterior.std.float().cpu())
+            bar.advance(by=len(batch))
     return torch.cat(means), torch.cat(stds)
 
 
@@ -74,5 +91,6 @@ def measure_latent_stats(
     vae: VAE, images: torch.Tensor, batch_size: int = 64, device: torch.device | str = "cpu", seed: int = 0
 ) -> LatentStats:
     """Encode `images` and measure the statistics of their posterior samples."""
-    mean, std = encode_posteriors(vae, images, batch_size, device)
+    with encoding_progress("measure latent statistics: encode", len(images)) as progress:
+        mean, std = encode_posteriors(vae, images, batch_size, device, progress=progress)
     return stats_of_posterior_samples(mean, std, torch.Generator().manual_seed(seed))

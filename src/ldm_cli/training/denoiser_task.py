@@ -15,6 +15,7 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ldm_cli.common.files import file_sha256
 from ldm_cli.common.pictures import save_grid
 from ldm_cli.config import DenoiserRunConfig
 from ldm_cli.data.cache import load_images
@@ -94,14 +95,14 @@ def build_denoiser_task(config: DenoiserRunConfig, vae: VAEBundle, accelerator: 
         t = torch.randint(0, schedule.timesteps, (len(z0),), device=z0.device)
         return v_loss(model, z0, t, torch.randn_like(z0)), {}
 
-    def preview(model: nn.Module, step: int, run_dir: Path) -> None:
+    def preview(model: nn.Module, step: int, run_dir: Path) -> Path:
         was_training = model.training
         model.eval()
         z = sample(model, schedule, (PREVIEW_SAMPLES, *latent_shape), sampler="ddim",
                    steps=min(PREVIEW_STEPS, schedule.timesteps),
                    generator=torch.Generator(device="cpu").manual_seed(config.train.seed), device=accelerator.device)
         model.train(was_training)
-        save_grid(latents.decode(z).cpu(), run_dir / rundir.PREVIEWS / f"step-{step:08d}.png", ncols=8,
+        return save_grid(latents.decode(z).cpu(), run_dir / rundir.PREVIEWS / f"step-{step:08d}.png", ncols=8,
                   title=f"DDIM-{PREVIEW_STEPS} samples at step {step}")
 
     def export(model: nn.Module, path: Path) -> None:
@@ -121,4 +122,5 @@ def train_denoiser(config: DenoiserRunConfig, *, resume: bool = False, overwrite
     vae_path = resolve_vae_path(config)
     vae = load_vae(vae_path)
     check_latent_shape(config, vae, vae_path)
-    return train(lambda acc: build_denoiser_task(config, vae, acc, run_dir), config, resume=resume, overwrite=overwrite)
+    return train(lambda acc: build_denoiser_task(config, vae, acc, run_dir), config, resume=resume, overwrite=overwrite,
+                 identity={"vae_sha256": file_sha256(vae_path)})

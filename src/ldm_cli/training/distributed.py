@@ -9,7 +9,9 @@ SIGUSR1) sets `StopFlag`; the loop saves and leaves when any process was signall
 
 from __future__ import annotations
 
+import logging
 import signal
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
@@ -20,17 +22,22 @@ from ldm_cli.config import TrainConfig
 from ldm_cli.errors import ConfigError
 from ldm_cli.training.speed import SpeedSettings, apply_speed_settings, resolve_speed
 
+logger = logging.getLogger("ldm")
 
-def make_accelerator(cfg: TrainConfig) -> tuple[Accelerator, SpeedSettings]:
+
+def make_accelerator(cfg: TrainConfig, report_to: list[str] = (), run_dir: Path | None = None,
+                     ) -> tuple[Accelerator, SpeedSettings]:
     """An Accelerator on CUDA when present, else a real (gloo) CPU process group, with
-    the speed settings (`ldm_cli.training.speed`) that `auto` resolves to on this machine."""
+    the speed settings (`ldm_cli.training.speed`) that `auto` resolves to on this machine
+    and the experiment trackers of `report_to` (files under RUN/tracking/)."""
     AcceleratorState._reset_state(reset_partial_state=False)  # allow several runs per process
     on_cuda = torch.cuda.is_available()
     speed = resolve_speed(cfg, on_cuda)
     apply_speed_settings(speed)
     precision = "bf16" if speed.bf16 else ("no" if cfg.mixed_precision == "auto" else cfg.mixed_precision)
+    tracking = {"log_with": list(report_to), "project_dir": run_dir / "tracking"} if report_to and run_dir else {}
     accelerator = Accelerator(cpu=not on_cuda, mixed_precision=precision,
-                              dynamo_backend="inductor" if speed.compile else "no")
+                              dynamo_backend="inductor" if speed.compile else "no", **tracking)
     return accelerator, speed
 
 
@@ -73,14 +80,22 @@ class BatchOrder:
 
 
 class StopFlag:
-    """Set by SIGTERM or SIGUSR1; the loop finishes the step, checkpoints and exits."""
+    """Set by SIGTERM or SIGUSR1 (SLURM's warning before the time limit, a preemption) or
+    by a first Ctrl-C (SIGINT): the loop finishes the update, saves a checkpoint on every
+    process and returns. A second Ctrl-C stops at once (KeyboardInterrupt), unsaved."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
-        self.requested = False
+        self.signal: str | None = None  # the first stop signal's name
         self._previous: dict[int, object] = {}
 
+    @property
+    def requested(self) -> bool:
+        return self.signal is not None
+
     def __enter__(self) -> "StopFlag":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in self.SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: signals cannot be caught here
@@ -88,18 +103,25 @@ class StopFlag:
         return self
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.requested = True
+        if signum == signal.SIGINT:
+            if self.signal == "SIGINT":
+                raise KeyboardInterrupt
+            logger.warning("Ctrl-C: stopping after this update and saving a checkpoint "
+                           "(press Ctrl-C again to stop at once, without saving)")
+        self.signal = self.signal or signal.Signals(signum).name
 
     def __exit__(self, *exc) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
-    def agreed(self, accelerator: Accelerator) -> bool:
-        """True on every process when any process was signalled (one tiny all-reduce)."""
+    def agreed(self, accelerator: Accelerator) -> str | None:
+        """On every process: the stop signal when any process got one (SIGINT first), else
+        None (one tiny all-reduce)."""
         if accelerator.num_processes == 1:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+            return self.signal
+        code = {None: 0.0, "SIGINT": 2.0}.get(self.signal, 1.0)
+        agreed = accelerator.reduce(torch.tensor([code], device=accelerator.device), reduction="max").item()
+        return {0.0: None, 2.0: "SIGINT"}.get(agreed, self.signal or "SIGTERM")
 
 
 def all_processes_agree(accelerator: Accelerator, value: int) -> bool:

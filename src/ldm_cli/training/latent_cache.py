@@ -9,7 +9,6 @@ not load, is rebuilt, never trusted.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +17,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_cli.common.files import atomic_write
+from ldm_cli.common.files import atomic_write, file_sha256
 from ldm_cli.config import DenoiserRunConfig
 from ldm_cli.data.cache import ImageSet
 from ldm_cli.modelfiles.bundles import VAEBundle
-from ldm_cli.models.latent_stats import encode_posteriors
+from ldm_cli.models.latent_stats import encode_posteriors, encoding_progress
 from ldm_cli.models.vae import VAE
 from ldm_cli.training import rundir
 
@@ -43,13 +42,17 @@ class LatentCache:
 
 
 def build_latent_cache(
-    vae: VAE, images: torch.Tensor, batch_size: int, device: torch.device | str, flip: bool
+    vae: VAE, images: torch.Tensor, batch_size: int, device: torch.device | str, flip: bool,
+    show_progress: bool | None = None,
 ) -> LatentCache:
-    """Encode the training set once (and its mirror images when flipping is on)."""
-    mean, std = encode_posteriors(vae, images, batch_size, device)
-    if flip:
-        mean_f, std_f = encode_posteriors(vae, images, batch_size, device, flip=True)
-        mean, std = torch.cat((mean, mean_f)), torch.cat((std, std_f))
+    """Encode the training set once (and its mirror images when flipping is on), showing
+    progress in images encoded (`show_progress` None: when this process prints)."""
+    total = len(images) * (2 if flip else 1)
+    with encoding_progress("latent cache: encode", total, show_progress) as progress:
+        mean, std = encode_posteriors(vae, images, batch_size, device, progress=progress)
+        if flip:
+            mean_f, std_f = encode_posteriors(vae, images, batch_size, device, flip=True, progress=progress)
+            mean, std = torch.cat((mean, mean_f)), torch.cat((std, std_f))
     return LatentCache(mean=mean, std=std)
 
 
@@ -59,18 +62,10 @@ def sample_posterior(stats_batch: torch.Tensor) -> torch.Tensor:
     return mean + std * torch.randn_like(std)
 
 
-def _file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def latent_cache_key(config: DenoiserRunConfig, vae_path: str, images: ImageSet) -> str:
     """What the cache depends on: the VAE file, the data config and the image count."""
     data = config.data.model_dump(mode="json", exclude={"cache_dir"})
-    return json.dumps({"vae": _file_digest(vae_path), "data": data, "train_images": len(images.train)}, sort_keys=True)
+    return json.dumps({"vae": file_sha256(vae_path), "data": data, "train_images": len(images.train)}, sort_keys=True)
 
 
 def load_or_build_latent_cache(
@@ -89,7 +84,8 @@ def load_or_build_latent_cache(
                 return LatentCache(mean=tensors["mean"], std=tensors["std"])
         except Exception:  # a damaged cache is rebuilt, never trusted
             pass
-    cache = build_latent_cache(vae.network, images.train, config.latents.encode_batch_size, device, config.data.flip)
+    cache = build_latent_cache(vae.network, images.train, config.latents.encode_batch_size, device, config.data.flip,
+                               show_progress=is_main)
     if is_main:
         with atomic_write(path) as tmp:
             save_file({"mean": cache.mean.contiguous(), "std": cache.std.contiguous()}, str(tmp), metadata={"key": key})

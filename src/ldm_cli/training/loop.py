@@ -30,8 +30,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,24 +39,29 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
+from ldm_cli.common.files import atomic_write
 from ldm_cli.common.pictures import plot_metrics
 from ldm_cli.common.progress import ProgressReporter, setup_logging
 from ldm_cli.config import RunConfig, to_toml
-from ldm_cli.errors import LdmError
+from ldm_cli.errors import LdmError, UsageError
 from ldm_cli.models.ema import EMA
 from ldm_cli.training import rundir
 from ldm_cli.training.distributed import (
     BatchOrder,
     StopFlag,
+    all_processes_agree,
     make_accelerator,
     mean_over_processes,
     per_process_batch,
     weights_are_finite,
 )
+from ldm_cli.training.memory import check_step_fits, estimate_step
 from ldm_cli.training.metrics import MetricsLog
 from ldm_cli.training.optim import learning_rate_factor, make_optimizer, max_grad_norm
+from ldm_cli.training.resume_rules import check_resume_settings
 from ldm_cli.training.speed import SpeedSettings
-from ldm_cli.training.state import resume_state, save_checkpoint
+from ldm_cli.training.state import check_newest_identity, resume_state, save_checkpoint
+from ldm_cli.training.tracking import check_trackers, end_tracking, log_picture, log_values, start_tracking
 
 logger = logging.getLogger("ldm")
 
@@ -73,7 +78,7 @@ class TrainTask:
     get_batch: Callable[[torch.Tensor], torch.Tensor]  # example indices → CPU batch
     loss: Callable[[nn.Module, torch.Tensor, int], tuple[torch.Tensor, dict[str, float]]]
     export: Callable[[nn.Module, Path], None]  # eval model, export path → writes the .safetensors
-    preview: Callable[[nn.Module, int, Path], None] | None = None  # eval model, step, run dir
+    preview: Callable[[nn.Module, int, Path], Path] | None = None  # eval model, step, run dir → the picture
     metric_panels: list[str] = field(default_factory=lambda: ["loss"])
     log_scale_panels: list[str] = field(default_factory=list)
 
@@ -90,6 +95,7 @@ class TrainResult:
     world_size: int
     export_path: Path | None
     is_main_process: bool = True  # only the main process should print the result
+    stop_signal: str | None = None  # "SIGTERM", "SIGUSR1" or "SIGINT" when stopped early
 
 
 @dataclass
@@ -106,6 +112,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: EMA | None
     order: BatchOrder
+    identity: dict[str, str]  # what the model depends on beyond its config (saved in checkpoints)
     step: int = 0
     saved_step: int | None = None  # the step of the newest checkpoint on disk, if known
     nonfinite_total: int = 0
@@ -124,7 +131,7 @@ class Run:
         return {
             "model": self.raw_model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "ema": self.ema.state_dict() if self.ema else None,
-            "step": self.step, "nonfinite_total": self.nonfinite_total,
+            "step": self.step, "nonfinite_total": self.nonfinite_total, "identity": self.identity,
         }
 
 
@@ -146,78 +153,126 @@ class Update:
 
 def train(
     build_task: Callable[[Accelerator], TrainTask], config: RunConfig, *, resume: bool = False,
-    overwrite: bool = False,
+    overwrite: bool = False, identity: dict[str, str] | None = None,
 ) -> TrainResult:
     """Train the task's model as `config` says, in `config.output.dir`.
 
-    A stop signal (SIGTERM, SIGUSR1) is honoured from the moment this is called: even
-    one that arrives while data is loading lets the run save and return preempted.
+    Nothing is written into the run folder until the run has proven it can start: the
+    folder's lock taken, the settings checked, the task built (data found), the
+    checkpoint loaded. ``identity`` names what the model depends on beyond its config
+    (the VAE file's digest for a denoiser); a resume under another identity is refused.
+    A stop signal (SIGTERM, SIGUSR1, a first Ctrl-C) is honoured from the moment this is
+    called: even one that arrives while data is loading lets the run save and stop.
     """
     tcfg, lcfg = config.train, config.logging
+    run_dir = Path(config.output.dir)
     with StopFlag() as stop:
-        accelerator, speed = make_accelerator(tcfg)
+        check_trackers(lcfg.report_to)
+        accelerator, speed = make_accelerator(tcfg, lcfg.report_to, run_dir)
         setup_logging(accelerator.is_main_process)
         per_process_batch(tcfg, accelerator.num_processes)  # refuse an uneven batch first
-        run_dir = Path(config.output.dir)
-        prepare_run_dir(accelerator, config, run_dir, resume, overwrite)
-        run = build_run(build_task, config, run_dir, accelerator, speed)
-        if resume:
-            run.step, run.nonfinite_total = resume_state(run_dir, accelerator, run.raw_model, run.optimizer,
-                                                         run.scheduler, run.ema, tcfg.seed)
-            run.saved_step = run.step
-        if run.is_main:
-            run.metrics = MetricsLog(run_dir / rundir.METRICS_CSV, run.step if resume else None)
-        log_start(run, speed)
+        with run_dir_lock(accelerator, run_dir):
+            mode = decide_start(accelerator, config, run_dir, resume, overwrite, identity or {})
+            run = build_run(build_task, config, run_dir, accelerator, speed, identity or {})
+            if mode is rundir.StartMode.RESUME:
+                run.step, run.nonfinite_total = resume_state(run_dir, accelerator, run.raw_model, run.optimizer,
+                                                             run.scheduler, run.ema, tcfg.seed, run.identity)
+                run.saved_step = run.step
+            start_run_dir(run, mode)
+            log_start(run, speed)
 
-        start_step, preempted = run.step, False
-        started = time.perf_counter()
-        run.model.train()
-        with ProgressReporter(f"train {run.task.name}", tcfg.max_steps, run.step, lcfg.log_every, run.is_main) as bar:
-            while run.step < tcfg.max_steps:
-                if stop.agreed(accelerator):  # a signal reached some process: save, then leave
-                    stop_early(run)
-                    preempted = True
-                    break
-                update = optimizer_update(run)
-                record_update(run, update, time.perf_counter() - started)
-                bar.advance(f"loss {update.loss:.4f}")
-                check_nonfinite_streak(run, update)
-                if run.step < tcfg.max_steps:
-                    if run.step % lcfg.checkpoint_every == 0:
-                        checkpoint(run)
-                    if run.step % lcfg.preview_every == 0:
-                        draw_preview(run)
-        seconds = time.perf_counter() - started
-        export_path = None if preempted else finish(run)
+            start_step, stopped_by = run.step, None
+            started = time.perf_counter()
+            run.model.train()
+            with ProgressReporter(f"train {run.task.name}", tcfg.max_steps, run.step, lcfg.log_every,
+                                  run.is_main) as bar:
+                while run.step < tcfg.max_steps:
+                    stopped_by = stop.agreed(accelerator)
+                    if stopped_by:  # a signal reached some process: save, then leave
+                        stop_early(run, stopped_by)
+                        break
+                    update = optimizer_update(run)
+                    record_update(run, update, time.perf_counter() - started)
+                    bar.advance(f"loss {update.loss:.4f}")
+                    check_nonfinite_streak(run, update)
+                    if run.step < tcfg.max_steps:
+                        if run.step % lcfg.checkpoint_every == 0:
+                            checkpoint(run)
+                        if run.step % lcfg.preview_every == 0:
+                            draw_preview(run)
+            seconds = time.perf_counter() - started
+            export_path = None if stopped_by else finish(run)
+            end_tracking(accelerator)
 
     done = run.step - start_step
     return TrainResult(
         run_dir=run_dir, steps_done=done, final_step=run.step, seconds=seconds,
         steps_per_second=done / seconds if seconds > 0 else 0.0, skipped_nonfinite=run.nonfinite_total,
-        preempted=preempted, world_size=accelerator.num_processes, export_path=export_path,
-        is_main_process=run.is_main,
+        preempted=stopped_by is not None, world_size=accelerator.num_processes, export_path=export_path,
+        is_main_process=run.is_main, stop_signal=stopped_by,
     )
 
 
 # --------------------------------------------------------------------------- set-up
 
 
-def prepare_run_dir(accelerator: Accelerator, config: RunConfig, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse before anything is written (every process checks), then start the run folder."""
-    export_name = rundir.export_name(config.task_name)
-    rundir.check_start(run_dir, resume, overwrite, export_name)
-    accelerator.wait_for_everyone()
+@contextmanager
+def run_dir_lock(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
+    """Hold the run folder's lock (`rundir.RunLock`) for the whole run; the main process
+    takes it for every process, and all of them refuse when it cannot."""
+    lock = rundir.RunLock(run_dir)
+    error: UsageError | None = None
     if accelerator.is_main_process:
-        if overwrite:
-            rundir.clear_run(run_dir, export_name)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / rundir.CONFIG_FILE).write_text(to_toml(config))
+        try:
+            lock.acquire()
+        except UsageError as err:
+            error = err
+    if not all_processes_agree(accelerator, 0 if error is None else 1) or error is not None:
+        raise error or UsageError(f"output '{run_dir}': the main process could not take its lock")
+    try:
+        yield
+    except KeyboardInterrupt:
+        newest = rundir.latest_checkpoint(run_dir)
+        logger.warning(f"stopped at once: the newest checkpoint is {newest or 'none'}"
+                       + ("; resume with --resume" if newest else ""))
+        raise
+    finally:
+        if accelerator.is_main_process:
+            lock.release()
+
+
+def decide_start(accelerator: Accelerator, config: RunConfig, run_dir: Path, resume: bool,
+                 overwrite: bool, identity: dict[str, str]) -> rundir.StartMode:
+    """How the run starts (every process checks; nothing is written): refuse what would
+    lose or mix up earlier work, and changed settings a resume cannot take."""
+    mode = rundir.check_start(run_dir, resume, overwrite, rundir.export_name(config.task_name))
+    if mode is rundir.StartMode.RESUME:
+        check_resume_settings(run_dir, rundir.CONFIG_FILE, config)
+        check_newest_identity(run_dir, accelerator.process_index, identity)
+    elif mode is rundir.StartMode.RESTART and accelerator.is_main_process:
+        logger.warning(f"'{run_dir}' holds only the start of a run that never saved a checkpoint "
+                       f"({', '.join(rundir.leftovers(run_dir))}): starting it over")
     accelerator.wait_for_everyone()
+    return mode
+
+
+def start_run_dir(run: Run, mode: rundir.StartMode) -> None:
+    """The run can start: remove what it replaces, write its config and open its metrics."""
+    if run.is_main:
+        if mode.clears:
+            rundir.clear_run(run.run_dir, rundir.export_name(run.config.task_name))
+        run.run_dir.mkdir(parents=True, exist_ok=True)
+        with atomic_write(run.run_dir / rundir.CONFIG_FILE) as tmp:
+            tmp.write_text(to_toml(run.config))
+        resumed_at = run.step if mode is rundir.StartMode.RESUME else None
+        run.metrics = MetricsLog(run.run_dir / rundir.METRICS_CSV, resumed_at)
+    run.accelerator.wait_for_everyone()
+    start_tracking(run.accelerator, run.config)
 
 
 def build_run(
     build_task: Callable[[Accelerator], TrainTask], config: RunConfig, run_dir: Path, accelerator: Accelerator,
-    speed: SpeedSettings,
+    speed: SpeedSettings, identity: dict[str, str],
 ) -> Run:
     """The task with the same initial weights everywhere, then a different RNG stream per
     process; its optimiser, learning-rate schedule and EMA, prepared by Accelerate."""
@@ -237,16 +292,35 @@ def build_run(
     ema = EMA(raw_model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
     model, optimizer = accelerator.prepare(raw_model, optimizer)  # compiles when speed.compile
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    return Run(config, run_dir, accelerator, task, model, raw_model, optimizer, scheduler, ema, order)
+    check_memory(task, raw_model, order, config, accelerator)
+    return Run(config, run_dir, accelerator, task, model, raw_model, optimizer, scheduler, ema, order, identity)
+
+
+def check_memory(task: TrainTask, model: nn.Module, order: BatchOrder, config: RunConfig,
+                 accelerator: Accelerator) -> None:
+    """Refuse a step that would not fit in memory, before the first one runs (`memory.py`)."""
+    def loss_of_one() -> torch.Tensor:
+        batch = task.get_batch(order.indices(0, 0)[:1]).to(accelerator.device)
+        with accelerator.autocast():
+            return task.loss(model, batch, 0)[0]
+
+    examples = per_process_batch(config.train, accelerator.num_processes)
+    memory = estimate_step(model, loss_of_one, examples)
+    check_step_fits(memory, accelerator.device, config.data.resolution,
+                    f"configs/quickstart/{config.task_name}.toml")
 
 
 def log_start(run: Run, speed: SpeedSettings) -> None:
     tcfg, acc = run.config.train, run.accelerator
     if run.step >= tcfg.max_steps:
         logger.info(f"{run.run_dir} is already at step {run.step} of {tcfg.max_steps}; nothing to train")
+        return
     local_batch = per_process_batch(tcfg, acc.num_processes)
+    todo = f"{tcfg.max_steps} updates"
+    if run.step:
+        todo = f"{tcfg.max_steps - run.step} updates (steps {run.step + 1}–{tcfg.max_steps})"
     logger.info(
-        f"training {run.task.name}: {tcfg.max_steps} updates, global batch {tcfg.batch_size} "
+        f"training {run.task.name}: {todo}, global batch {tcfg.batch_size} "
         f"({acc.num_processes} process(es) × {local_batch} × {tcfg.grad_accum_steps} accumulation), "
         f"{run.task.num_examples} examples, device {acc.device}, precision {acc.mixed_precision}, "
         f"channels-last {speed.channels_last}, TF32 {speed.tf32}, compile {speed.compile}"
@@ -288,12 +362,12 @@ def optimizer_update(run: Run) -> Update:
 
 
 def record_update(run: Run, update: Update, elapsed: float) -> None:
-    """One row of metrics.csv (main process)."""
+    """One row of metrics.csv (main process), and the same values for the trackers."""
+    values = {"loss": update.loss, **update.parts, "lr": run.scheduler.get_last_lr()[0],
+              "grad_norm": update.grad_norm if update.finite else float("nan")}
     if run.metrics is not None:
-        run.metrics.append({
-            "step": run.step, "loss": update.loss, **update.parts, "lr": run.scheduler.get_last_lr()[0],
-            "grad_norm": update.grad_norm if update.finite else float("nan"), "time": elapsed,
-        })
+        run.metrics.append({"step": run.step, **values, "time": elapsed})
+    log_values(run.accelerator, values, run.step)
 
 
 def check_nonfinite_streak(run: Run, update: Update) -> None:
@@ -328,14 +402,16 @@ def checkpoint(run: Run) -> None:
 
 def draw_preview(run: Run) -> None:
     if run.task.preview is not None and run.is_main:
-        run.task.preview(run.eval_model(), run.step, run.run_dir)
+        log_picture(run.accelerator, run.task.preview(run.eval_model(), run.step, run.run_dir), run.step)
 
 
-def stop_early(run: Run) -> None:
-    """On a stop signal: make sure the current step is saved."""
+def stop_early(run: Run, signal_name: str) -> None:
+    """On a stop signal: make sure the current step is saved (step 0 too: a requeued job
+    then resumes exactly where this one stopped)."""
     if run.saved_step != run.step:
         checkpoint(run)
-    logger.warning(f"stop requested: saved a checkpoint at step {run.step}; resume with --resume")
+    how = "Ctrl-C" if signal_name == "SIGINT" else signal_name
+    logger.warning(f"stopped by {how}: saved a checkpoint at step {run.step}; resume with --resume")
 
 
 def finish(run: Run) -> Path | None:

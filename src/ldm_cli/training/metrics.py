@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from ldm_cli.common.files import atomic_write
+from ldm_cli.common.files import atomic_write, no_space_is_an_error
 
 
 class MetricsLog:
@@ -34,7 +34,7 @@ class MetricsLog:
         new = self.columns is None
         if new:
             self.columns = list(row.keys())
-        with self.path.open("a", newline="") as f:
+        with no_space_is_an_error(self.path), self.path.open("a", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.columns, extrasaction="ignore")
             if new:
                 writer.writeheader()

@@ -22,9 +22,10 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ldm_cli.common.files import atomic_write
-from ldm_cli.errors import CheckpointError, LdmError
+from ldm_cli.common.files import atomic_write, require_free_space
+from ldm_cli.errors import CheckpointError, DiskFullError, LdmError, UsageError
 from ldm_cli.models.ema import EMA
+from ldm_cli.models.state_dicts import tensor_mismatches
 from ldm_cli.training import rundir
 from ldm_cli.training.distributed import all_processes_agree
 
@@ -59,6 +60,7 @@ def process_record(accelerator: Accelerator, step: int, state: dict) -> dict:
         "world_size": accelerator.num_processes,
         "step": step,
         "model_sha256": weights_digest(state["model"]),
+        "identity": state.get("identity"),
         "ema_sha256": weights_digest(ema["shadow"]) if ema else None,
     }
 
@@ -86,6 +88,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, state: d
     process only once complete.
     """
     is_main = accelerator.is_main_process
+    needed = tensor_bytes(state) + accelerator.num_processes * tensor_bytes(rng_state()) + (1 << 20)
+    check_space_everywhere(accelerator, run_dir / rundir.CHECKPOINTS, needed)
     with atomic_write(rundir.checkpoint_dir(run_dir, step), shared=True, owner=is_main) as tmp:
         if is_main:
             tmp.mkdir(parents=True)
@@ -99,6 +103,30 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, state: d
     if is_main:
         rundir.prune_checkpoints(run_dir, keep)
     accelerator.wait_for_everyone()
+
+
+def tensor_bytes(value: object) -> int:
+    """Bytes of every tensor in a nested state (what `torch.save` will write, roughly)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def check_space_everywhere(accelerator: Accelerator, folder: Path, needed: int) -> None:
+    """Refuse a checkpoint that would not fit, on every process together (the main one
+    looks), so no process is left waiting for a save that failed."""
+    error: DiskFullError | None = None
+    if accelerator.is_main_process:
+        try:
+            require_free_space(folder, needed, "a checkpoint")
+        except DiskFullError as err:
+            error = err
+    if not all_processes_agree(accelerator, 0 if error is None else 1) or error is not None:
+        raise error or DiskFullError(f"a checkpoint does not fit in '{folder}' (see the main process)")
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -156,13 +184,38 @@ def restore_process_rng(record: dict | None, accelerator: Accelerator, seed: int
         restore_rng_state(record)
         return
     torch.manual_seed((seed * 1000 + 1 + accelerator.process_index) * 1_000_003 + step)
-    logger.info(f"the checkpoint was saved by {saved_world or 'a different number of'} process(es), this run has "
-                f"{accelerator.num_processes}: random streams are reseeded (data order stays exact)")
+    if accelerator.is_main_process:
+        logger.warning(f"--resume with another process count: {saved_world or '?'} → {accelerator.num_processes}; "
+                       "random streams are reseeded (the data order stays exact, flips and noise do not)")
+
+
+def check_identity(folder: Path, saved: dict[str, str] | None, current: dict[str, str]) -> None:
+    """Refuse to resume a model on something it was not trained on (another VAE file)."""
+    for key, value in current.items():
+        before = (saved or {}).get(key)
+        if before is not None and before != value:
+            raise UsageError(
+                f"--resume: checkpoint {folder} was trained with {key} {before[:16]}…, this run has "
+                f"{value[:16]}…; resuming would mix two runs (start a new one with another --out or --overwrite)"
+            )
+
+
+def check_newest_identity(run_dir: Path, rank: int, identity: dict[str, str]) -> None:
+    """`check_identity` against the newest checkpoint's small per-process record, before
+    anything is built or written."""
+    folder = rundir.latest_checkpoint(run_dir)
+    record_file = folder / f"rng-{rank}.pt" if folder is not None else None
+    if identity and record_file is not None and record_file.is_file():
+        try:
+            record = torch.load(record_file, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 — a damaged record: resume_state falls back and checks again
+            return
+        check_identity(folder, record.get("identity"), identity)
 
 
 def resume_state(
     run_dir: Path, accelerator: Accelerator, model: nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA | None, seed: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, ema: EMA | None, seed: int, identity: dict[str, str],
 ) -> tuple[int, int]:
     """Load the newest checkpoint that loads into the run's objects; returns (step, nonfinite_total)."""
     folder, state, record = load_newest_checkpoint(run_dir, accelerator.process_index)
@@ -170,6 +223,10 @@ def resume_state(
     if not all_processes_agree(accelerator, step):
         raise LdmError(f"--resume: the processes found different checkpoints in '{run_dir}' "
                        "(is the run directory on a file system every node sees?)")
+    check_identity(folder, state.get("identity"), identity)
+    mismatch = tensor_mismatches(state["model"], model.state_dict())
+    if mismatch:
+        raise CheckpointError(f"--resume: checkpoint {folder} does not fit this model: {'; '.join(mismatch)}")
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])

@@ -71,8 +71,8 @@ def build_vae_task(config: VAERunConfig, accelerator: Accelerator) -> TrainTask:
         x_hat, posterior = model(x)
         return vae_loss(x, x_hat, posterior, beta_at(step, loss_cfg), loss_cfg)
 
-    def preview(model: nn.Module, step: int, run_dir: Path) -> None:
-        save_preview(model, inputs, run_dir / rundir.PREVIEWS / f"step-{step:08d}.png", f"step {step}")
+    def preview(model: nn.Module, step: int, run_dir: Path) -> Path:
+        return save_preview(model, inputs, run_dir / rundir.PREVIEWS / f"step-{step:08d}.png", f"step {step}")
 
     def export(model: nn.Module, path: Path) -> None:
         device = next(model.parameters()).device

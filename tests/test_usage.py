@@ -182,3 +182,30 @@ def test_an_optional_setting_can_be_turned_off_from_the_command_line_and_toml(tm
     saved = tmp_path / "saved.toml"
     saved.write_text(to_toml(off))
     assert load_config(DenoiserRunConfig, saved) == off, "a run's config.toml keeps the setting off"
+
+
+# --------------------------------------------------------------------------- what the commands print
+
+
+def test_schedule_plot_prints_at_most_20_evenly_spaced_rows_and_keeps_all_in_the_csv(tmp_path):
+    result = ldm("schedule-plot", "--timesteps", 1000, "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│")]
+    assert len(rows) == 20 and rows[0].split()[1] == "0" and rows[-1].split()[1] == "999"
+    assert "20 of 1000 timesteps shown" in result.output
+    assert len((tmp_path / "schedules.csv").read_text().splitlines()) == 1001
+
+
+def test_a_resumed_run_says_how_many_updates_remain_and_nothing_else(tmp_path, capsys):
+    from ldm_cli.config import VAERunConfig
+    from ldm_cli.training.vae_task import train_vae
+
+    run = tmp_path / "run"
+    train_vae(load_config(VAERunConfig, None, tiny_vae_overrides(run, 10)))
+    capsys.readouterr()
+    train_vae(load_config(VAERunConfig, None, tiny_vae_overrides(run, 13)), resume=True)
+    err = capsys.readouterr().err
+    assert "training vae: 3 updates (steps 11–13)" in err and "nothing to train" not in err
+    train_vae(load_config(VAERunConfig, None, tiny_vae_overrides(run, 13)), resume=True)
+    err = capsys.readouterr().err
+    assert "already at step 13 of 13; nothing to train" in err and "training vae:" not in err

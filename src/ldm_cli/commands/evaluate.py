@@ -1,6 +1,20 @@
 """`ldm evaluate`: FID, KID and precision/recall of generated images against a data set.
 
-Both sets go through the same feature network (`ldm_cli.evaluation.features`:
+Against `builtin:faces` with no feature-network flag, the packaged face-attribute
+network scores the samples (`ldm_cli.evaluation.face_quality`): FD, KID and
+precision/recall in its 192-d features, legibility and attribute KL, each printed
+beside three references measured the same way (same image count where the held-out
+split allows): the floor (held-out faces vs the training faces), VAE reconstructions
+of those held-out faces, and decoded prior samples z ~ N(0, I). The last two need the
+denoiser file (it bundles its VAE): `--checkpoint`, else the one the samples folder's
+`sample.json` names (written by `ldm sample`), else runs/denoiser/denoiser.safetensors
+if it exists; without one, the floor alone is printed, with how to get the others.
+The training faces (and their held-out split) are those the denoiser was trained on
+when it was trained on builtin:faces, else the default split (4096 faces, 5 % held
+out, seed 0); their features are cached like the reference statistics below
+(`-facestats-….safetensors`).
+
+Otherwise both sets go through the same feature network (`ldm_cli.evaluation.features`:
 torchvision's Inception v3 from a local file, or any TorchScript module) and are
 compared in its feature space with FID, KID and improved precision/recall
 (`ldm_cli.evaluation.distances`; docs/MATH.md, §7).
@@ -19,6 +33,9 @@ safetensors file in the data cache folder (`$LDM_CACHE_DIR`, else ~/.cache/ldm),
 by the source (with its file list), the resolution, the number of reference images and
 the feature network's identity (a hash of its file). Features are computed in batches;
 only the D-dimensional features are kept.
+
+`--json PATH` writes every number (each set's scores, per-head KL, counts, the network's
+identity) for scripts; like every output it is claimed first and written atomically.
 """
 
 from __future__ import annotations
@@ -28,7 +45,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,10 +54,10 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_cli.common.files import atomic_write
+from ldm_cli.common.files import atomic_write, claim_outputs
 from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.config import DataConfig
-from ldm_cli.data.cache import cache_dir_for, cache_stem, load_images, make_cache_dir, read_cache
+from ldm_cli.data.cache import cache_dir_for, cache_stem, holdout_size, load_images, make_cache_dir, read_cache
 from ldm_cli.data.decoding import load_image_file
 from ldm_cli.data.sources import list_image_files, resolve_source
 from ldm_cli.errors import UsageError
@@ -58,7 +75,20 @@ from ldm_cli.evaluation.distances import (
     precision_recall,
     subset_rows,
 )
-from ldm_cli.evaluation.features import FeatureNetwork, load_feature_network
+from ldm_cli.evaluation.face_quality import (
+    KL_SMOOTHING,
+    LEGIBLE_P,
+    FaceScores,
+    heldout_faces,
+    load_face_network,
+    load_or_build_reference,
+    prior_batches,
+    reconstruction_batches,
+    score_faces,
+)
+from ldm_cli.evaluation.features import FACES_REFERENCE, FeatureNetwork, load_feature_network, uses_face_network
+from ldm_cli.modelfiles.bundles import DenoiserBundle, load_denoiser
+from ldm_cli.training.start import default_model_file
 
 logger = logging.getLogger("ldm")
 
@@ -247,6 +277,150 @@ def reference_stats(
     return stats, path, False
 
 
+# --------------------------------------------------------------------------- the model behind the samples
+
+SAMPLE_RECORD = "sample.json"  # `ldm sample` writes it beside grid.png and images/
+NO_MODEL_HINT = (
+    "pass --checkpoint DENOISER.safetensors, or evaluate a folder written by `ldm sample` "
+    "(its sample.json names the checkpoint)"
+)
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    """The denoiser file whose VAE makes the VAE-recon and prior references, and how it was found."""
+
+    path: Path
+    origin: str  # "--checkpoint", "sample.json" or "default"
+
+
+def sample_record(samples: Path) -> Path | None:
+    """The samples folder's `sample.json` (or that of the sample folder above an `images/` folder)."""
+    folder = Path(samples)
+    candidates = [folder / SAMPLE_RECORD] + ([folder.parent / SAMPLE_RECORD] if folder.name == "images" else [])
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def recorded_checkpoint(record: Path) -> Path:
+    """The checkpoint a `sample.json` names (a relative path is relative to its folder)."""
+    try:
+        path = Path(json.loads(record.read_text(encoding="utf-8"))["checkpoint"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UsageError(f"'{record}': does not name a checkpoint (not a sample record); pass --checkpoint") from None
+    return path if path.is_absolute() else record.parent / path
+
+
+def choose_model(samples: Path, checkpoint: Path | None) -> tuple[ModelChoice | None, str | None]:
+    """(the denoiser to use, None), or (None, why there is none and how to get one)."""
+    if checkpoint is not None:
+        return ModelChoice(Path(checkpoint), "--checkpoint"), None
+    record = sample_record(samples)
+    if record is not None:
+        path = recorded_checkpoint(record)
+        if path.is_file():
+            return ModelChoice(path, SAMPLE_RECORD), None
+        return None, f"{record} names the checkpoint '{path}', which is not there; pass --checkpoint DENOISER.safetensors"
+    default = default_model_file("denoiser")
+    if default.is_file():
+        return ModelChoice(default, "default"), None
+    return None, NO_MODEL_HINT
+
+
+def load_model(choice: ModelChoice, resolution: int, device: torch.device) -> tuple[DenoiserBundle | None, str | None]:
+    """The denoiser bundle on `device`, if it makes images of the samples' size.
+
+    A file named by the user or by sample.json that does not is an error; the default
+    run's file is merely skipped (it may belong to another experiment)."""
+    bundle = load_denoiser(choice.path)
+    if bundle.vae.resolution != resolution:
+        problem = f"checkpoint '{choice.path}' makes {bundle.vae.resolution}px images, but the samples are {resolution}px"
+        if choice.origin == "default":
+            return None, f"{problem}; {NO_MODEL_HINT}"
+        raise UsageError(f"{problem}; pass --checkpoint with the denoiser that made them")
+    logger.info("VAE reconstructions and prior decodes from %s (%s)", choice.path, choice.origin)
+    return bundle.to(device), None
+
+
+def trained_data(bundle: DenoiserBundle) -> DataConfig:
+    """The data the denoiser was trained on (its `data` metadata), else its VAE's."""
+    try:
+        return DataConfig.model_validate(bundle.metadata["data"])
+    except (KeyError, ValueError, TypeError):
+        return bundle.vae.data
+
+
+def faces_config(resolution: int, bundle: DenoiserBundle | None) -> DataConfig:
+    """builtin:faces at the samples' resolution, split as the model's training data was
+    (when that is builtin:faces with at least 2 held-out faces), else the default split."""
+    default = DataConfig(source=FACES_REFERENCE, resolution=resolution)
+    if bundle is None:
+        return default
+    trained = trained_data(bundle)
+    if trained.source.strip() != FACES_REFERENCE:
+        return default
+    if holdout_size(trained.builtin_size, trained.holdout_fraction) < 2:
+        logger.warning("the model's builtin:faces data holds out fewer than 2 faces; using the default split "
+                       "(%d faces, %g held out), some of which the model may have seen",
+                       default.builtin_size, default.holdout_fraction)
+        return default
+    return default.model_copy(update={"builtin_size": trained.builtin_size,
+                                      "holdout_fraction": trained.holdout_fraction, "seed": trained.seed})
+
+
+# --------------------------------------------------------------------------- the face-attribute scores
+
+FACE_SETS = {"samples": "samples", "floor": "floor", "vae_reconstruction": "VAE recon", "prior": "prior"}
+
+
+@dataclass
+class FaceEvaluationReport:
+    """What `ldm evaluate` measured with the face-attribute network. `scores` maps each of
+    FACE_SETS to its scores; VAE recon and prior are None without a model (`note` says why)."""
+
+    scores: dict[str, FaceScores | None]
+    network: dict[str, object]  # FaceNetwork.describe()
+    resolution: int
+    data: DataConfig  # builtin:faces as split for the reference (training faces) and the floor (held out)
+    n_reference: int
+    reference_cache: Path
+    reference_cached: bool
+    checkpoint: Path | None
+    note: str | None
+    seconds: float = 0.0
+    json_path: Path | None = None
+
+
+def evaluate_faces(
+    samples: Path, files: list[Path], resolution: int, *, checkpoint: Path | None, num_reference: int | None,
+    batch_size: int, device: torch.device,
+) -> FaceEvaluationReport:
+    """Score the sample files and the three references against builtin:faces' training faces."""
+    choice, note = choose_model(samples, checkpoint)
+    bundle = None
+    if choice is not None:
+        bundle, note = load_model(choice, resolution, device)
+    cfg = faces_config(resolution, bundle)
+    network = load_face_network(device=device)
+    reference, cache_path, cached = load_or_build_reference(cfg, network, num_reference, batch_size)
+
+    def score(images: torch.Tensor | Iterator[torch.Tensor], what: str, total: int | None = None) -> FaceScores:
+        return score_faces(images, reference, network, total=total, batch_size=batch_size, what=what)
+
+    scores: dict[str, FaceScores | None] = dict.fromkeys(FACE_SETS)
+    scores["samples"] = score(sample_batches(files, resolution, batch_size), "samples", len(files))
+    heldout = heldout_faces(cfg, len(files))
+    scores["floor"] = score(heldout, "held-out faces")
+    if bundle is not None:
+        scores["vae_reconstruction"] = score(reconstruction_batches(bundle.vae, heldout, batch_size),
+                                             "VAE reconstructions", len(heldout))
+        scores["prior"] = score(prior_batches(bundle.vae, len(files), batch_size), "prior decodes", len(files))
+    return FaceEvaluationReport(
+        scores=scores, network=network.describe(), resolution=resolution, data=cfg, n_reference=len(reference),
+        reference_cache=cache_path, reference_cached=cached, checkpoint=choice.path if bundle is not None else None,
+        note=note,
+    )
+
+
 # --------------------------------------------------------------------------- the command
 
 
@@ -266,6 +440,7 @@ class EvaluationReport:
     reference_cache: Path
     reference_cached: bool  # the reference statistics came from the cache
     seconds: float = 0.0
+    json_path: Path | None = None
 
 
 def default_device() -> torch.device:
@@ -279,21 +454,12 @@ def check_evaluate_args(batch_size: int, num_reference: int | None) -> None:
         raise UsageError(f"--num-reference {num_reference}: must be at least 2")
 
 
-def run_evaluate(
-    samples: Path, reference: str, *, inception_weights: Path | None = None, features: Path | None = None,
-    features_size: int | None = None, batch_size: int = 50, num_reference: int | None = None,
-    device: torch.device | str | None = None,
+def evaluate_in_features(
+    files: list[Path], resolution: int, cfg: DataConfig, net: FeatureNetwork, *, num_reference: int | None,
+    batch_size: int, device: torch.device,
 ) -> EvaluationReport:
-    """FID, KID and precision/recall of the images in `samples` against the data source `reference`."""
-    started = time.perf_counter()
-    check_evaluate_args(batch_size, num_reference)
-    files = sample_files(Path(samples))
-    resolution = sample_resolution(files[0])
-    cfg = reference_config(reference, resolution, num_reference)  # checks the source before any heavy work
-    device = torch.device(device) if device is not None else default_device()
-    net = load_feature_network(inception_weights, features, features_size, device)
+    """FID, KID and precision/recall of the sample files in the features of `net`."""
     ref, cache_path, reused = reference_stats(cfg, net, num_reference, batch_size)
-
     fake = extract_features(net, sample_batches(files, resolution, batch_size), len(files), "samples").to(device)
     real = ref.features.to(device)
     mu, sigma = gaussian_stats(fake)
@@ -305,23 +471,149 @@ def run_evaluate(
     return EvaluationReport(
         fid=fid, kid_mean=kid_mean, kid_std=kid_std, precision=precision, recall=recall, n_samples=len(files),
         n_reference=len(ref.features), network=net.name, resolution=resolution, reference_cache=cache_path,
-        reference_cached=reused, seconds=time.perf_counter() - started,
+        reference_cached=reused,
     )
 
 
-def format_report(report: EvaluationReport) -> list[str]:
+def run_evaluate(
+    samples: Path, reference: str, *, inception_weights: Path | None = None, features: Path | None = None,
+    features_size: int | None = None, batch_size: int = 50, num_reference: int | None = None,
+    device: torch.device | str | None = None, checkpoint: Path | None = None, json_path: Path | None = None,
+    overwrite: bool = False,
+) -> EvaluationReport | FaceEvaluationReport:
+    """Score the images in `samples` against the data source `reference`: with the face-attribute
+    network for builtin:faces (unless a feature-network flag is given), else FID, KID and
+    precision/recall in Inception's or a TorchScript network's features."""
+    started = time.perf_counter()
+    check_evaluate_args(batch_size, num_reference)
+    faces_path = uses_face_network(reference, inception_weights, features, features_size)
+    if checkpoint is not None and not faces_path:
+        raise UsageError("--checkpoint adds the VAE-recon and prior references, measured with the face-attribute "
+                         "network: only against builtin:faces without --inception-weights, --features or --features-size")
+    if json_path is not None:
+        claim_outputs([Path(json_path)], overwrite)
+    files = sample_files(Path(samples))
+    resolution = sample_resolution(files[0])
+    device = torch.device(device) if device is not None else default_device()
+    report: EvaluationReport | FaceEvaluationReport
+    if faces_path:
+        report = evaluate_faces(Path(samples), files, resolution, checkpoint=checkpoint, num_reference=num_reference,
+                                batch_size=batch_size, device=device)
+    else:
+        cfg = reference_config(reference, resolution, num_reference)  # checks the source before any heavy work
+        net = load_feature_network(inception_weights, features, features_size, device)
+        report = evaluate_in_features(files, resolution, cfg, net, num_reference=num_reference,
+                                      batch_size=batch_size, device=device)
+    report.seconds = time.perf_counter() - started
+    if json_path is not None:
+        report.json_path = write_json(Path(json_path), report_json(report))
+    return report
+
+
+# --------------------------------------------------------------------------- what it prints and writes
+
+
+KID_SCALE = 1000
+
+
+def format_report(report: EvaluationReport | FaceEvaluationReport) -> list[str]:
     """The lines `ldm evaluate` prints."""
+    if isinstance(report, FaceEvaluationReport):
+        return format_face_report(report)
+
     def share(value: float | None) -> str:
         return f"{value:.4f}" if value is not None else f"n/a (needs more than {PR_K} images per side)"
 
-    kid_scale = 1000
     return [
-        f"{report.n_samples} samples vs {report.n_reference} reference images at {report.resolution}px, "
-        f"features: {report.network}",
+        (f"{report.n_samples} samples vs {report.n_reference} reference images at {report.resolution}px, "
+         f"features: {report.network}"),
         f"FID        {report.fid:.4f}",
-        f"KID ×{kid_scale}   {report.kid_mean * kid_scale:.4f} ± {report.kid_std * kid_scale:.4f}",
+        f"KID ×{KID_SCALE}   {report.kid_mean * KID_SCALE:.4f} ± {report.kid_std * KID_SCALE:.4f}",
         f"precision  {share(report.precision)}",
         f"recall     {share(report.recall)}",
         f"reference statistics {'reused from' if report.reference_cached else 'cached in'} {report.reference_cache}",
+        *([f"numbers written to {report.json_path}"] if report.json_path else []),
     ]
 
+
+FACE_ROWS = (  # label, how to read one FaceScores
+    ("FD", lambda s: s.fd),
+    (f"KID ×{KID_SCALE}", lambda s: s.kid_mean * KID_SCALE),
+    ("precision", lambda s: s.precision),
+    ("recall", lambda s: s.recall),
+    ("legibility", lambda s: s.legibility),
+    ("attribute KL", lambda s: s.attribute_kl),
+    ("images", lambda s: s.count),
+)
+HOW_TO_READ = (
+    "lower is better for FD, KID and attribute KL, higher for precision, recall and legibility; "
+    "floor: held-out real faces, VAE recon: those faces through the VAE, prior: decoded z ~ N(0, I)"
+)
+
+
+def table_cell(value: float | None) -> str:
+    """A number for the table: counts as they are, scores to 3 decimals."""
+    if value is None:
+        return "n/a"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
+
+
+def face_table(scores: dict[str, FaceScores | None]) -> list[str]:
+    """metric × set, the sets without scores left out."""
+    shown = [key for key, value in scores.items() if value is not None]
+    lines = [f"{'':<13}" + "".join(f"{FACE_SETS[key]:>11}" for key in shown)]
+    for label, read in FACE_ROWS:
+        lines.append(f"{label:<13}" + "".join(f"{table_cell(read(scores[key])):>11}" for key in shown))
+    return lines
+
+
+def format_face_report(report: FaceEvaluationReport) -> list[str]:
+    """The title, the table, how to read it, where VAE recon and prior come from (or how to get them)."""
+    network, samples, floor = report.network, report.scores["samples"], report.scores["floor"]
+    title = (f"{samples.count} samples vs {report.n_reference} training faces of {FACES_REFERENCE} at "
+             f"{report.resolution}px; features: {network['name']} ({network['feature_dim']}-d, "
+             f"sha256 {str(network['sha256'])[:12]})")
+    lines = [title, *face_table(report.scores), HOW_TO_READ]
+    if report.checkpoint is not None:
+        lines.append(f"VAE recon and prior: {report.checkpoint}")
+    else:
+        lines.append(f"VAE recon and prior need the denoiser: {report.note}")
+    if floor.count < samples.count:
+        lines.append(f"the held-out split holds {floor.count} faces, fewer than the samples: "
+                     "FD and KID are biased upward for smaller sets")
+    verb = "reused from" if report.reference_cached else "cached in"
+    lines.append(f"reference features {verb} {report.reference_cache}")
+    if report.json_path:
+        lines.append(f"numbers written to {report.json_path}")
+    return lines
+
+
+def report_json(report: EvaluationReport | FaceEvaluationReport) -> dict[str, object]:
+    """Every number of the report, as JSON values."""
+    if isinstance(report, EvaluationReport):
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(report).items() if k != "json_path"}
+        return {"network_kind": "features", **values}
+    data = report.data
+    return {
+        "network_kind": "face-attributes",
+        "network": report.network,
+        "resolution": report.resolution,
+        "reference": {"source": data.source, "split": "train", "count": report.n_reference,
+                      "builtin_size": data.builtin_size, "holdout_fraction": data.holdout_fraction, "seed": data.seed,
+                      "cache": str(report.reference_cache), "cached": report.reference_cached},
+        "checkpoint": str(report.checkpoint) if report.checkpoint is not None else None,
+        "note": report.note,
+        "legibility_threshold": LEGIBLE_P,
+        "attribute_kl": {"direction": "KL(set || reference), nats, of argmax class histograms",
+                         "smoothing": KL_SMOOTHING},
+        "sets": {key: scores.to_dict() if scores is not None else None for key, scores in report.scores.items()},
+        "seconds": report.seconds,
+    }
+
+
+def write_json(path: Path, values: dict[str, object]) -> Path:
+    """`values` as indented JSON at `path`, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(values, indent=1) + "\n", encoding="utf-8")
+    return path

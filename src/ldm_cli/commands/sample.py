@@ -6,10 +6,15 @@ The samplers run in the denoiser's normalised latent space
 (`ldm_cli.diffusion.sampling`) and the bundled VAE decodes (`VAEBundle.decode`). Each
 image draws its noise from its own seed, so a seed gives the same images whatever the
 batch size, and memory does not grow with the number of images.
+
+Beside the images, `sample.json` records how they were made (the checkpoint's absolute
+path, the sampler, its number of steps and the seed): `ldm evaluate` finds the model
+there.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -19,7 +24,7 @@ import torch
 
 from ldm_cli.commands.trajectory import TrajectoryRecorder, frame_indices, save_trajectory_gif, save_trajectory_grid
 from ldm_cli.common.device import default_device
-from ldm_cli.common.files import claim_outputs
+from ldm_cli.common.files import atomic_write, claim_outputs
 from ldm_cli.common.pictures import save_grid, save_images
 from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.diffusion.samplers import check_batch_size, check_sampler_args
@@ -27,6 +32,7 @@ from ldm_cli.diffusion.sampling import Callback, plan_timesteps, sample_in_batch
 from ldm_cli.errors import UsageError
 from ldm_cli.modelfiles.bundles import load_denoiser
 
+SAMPLE_RECORD = "sample.json"
 GRID_MAX = 64  # the grid shows at most this many samples; every sample gets its own PNG
 TRAJECTORY_SAMPLES = 4
 
@@ -51,6 +57,14 @@ def counting_steps(progress: ProgressReporter, then: Callback | None = None) -> 
     return callback
 
 
+def write_sample_record(path: Path, checkpoint: Path, sampler: str, steps: int, seed: int) -> Path:
+    """`sample.json`: the checkpoint (absolute), the sampler, its steps and the seed, written atomically."""
+    record = {"checkpoint": str(Path(checkpoint).resolve()), "sampler": sampler, "steps": steps, "seed": seed}
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    return path
+
+
 def run_sample(
     checkpoint: Path, out_dir: Path, *, num_samples: int = 25, seed: int = 42, sampler: str = "ddpm",
     steps: int | None = None, eta: float = 0.0, clip_limit: float | None = None, batch_size: int = 25,
@@ -64,7 +78,7 @@ def run_sample(
         raise UsageError(f"--num-samples {num_samples}: must be at least 1")
     check_batch_size(batch_size)
     trajectory_files = [out_dir / "trajectory.png", out_dir / "trajectory.gif"] if trajectory else []
-    claim_outputs([out_dir / "grid.png", out_dir / "images", *trajectory_files], overwrite)
+    claim_outputs([out_dir / "grid.png", out_dir / "images", out_dir / SAMPLE_RECORD, *trajectory_files], overwrite)
     for stale in sorted((out_dir / "images").glob("[0-9]*.png")):  # only reached with --overwrite
         stale.unlink()
     bundle = load_denoiser(checkpoint)
@@ -99,6 +113,7 @@ def run_sample(
     grid_images = torch.cat(shown)
     label = f"{sampler.upper()}-{num_steps}" + (f", clip {clip_limit}" if clip_limit else "") + f", seed {seed}"
     grid = save_grid(grid_images, out_dir / "grid.png", ncols=math.ceil(math.sqrt(len(grid_images))), title=label)
+    write_sample_record(out_dir / SAMPLE_RECORD, checkpoint, sampler, num_steps, seed)
     if not trajectory:
         return SampleReport(out_dir, grid, written, None, num_steps, seconds)
     decoded = recorder.decode(bundle.vae)

@@ -1,7 +1,11 @@
 """Feature networks for `ldm evaluate`, loaded only from local files.
 
-Two kinds, both seen through `FeatureNetwork`: give it uint8 images `(N, 3, H, W)` and
-it returns float32 features `(N, D)` on the CPU.
+Which one `ldm evaluate` uses (`uses_face_network`): against `builtin:faces` with no
+`--inception-weights`, `--features` or `--features-size`, the face-attribute network
+shipped with the package (`ldm_cli.evaluation.face_quality`), so a fresh install can
+score its samples; otherwise one of the two kinds below, both seen through
+`FeatureNetwork`: give it uint8 images `(N, 3, H, W)` and it returns float32 features
+`(N, D)` on the CPU.
 
 torchvision's Inception v3 (the default)
     `torchvision.models.inception_v3(weights=None, aux_logits=True, init_weights=False)`
@@ -64,6 +68,18 @@ INCEPTION_SIZE = 299
 INCEPTION_DIM = 2048
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+FACES_REFERENCE = "builtin:faces"
+
+
+def uses_face_network(
+    reference: str, inception_weights: Path | None, features: Path | None, features_size: int | None
+) -> bool:
+    """Whether `ldm evaluate` scores with the packaged face-attribute network: only against
+    builtin:faces, and only when no flag chooses another feature network."""
+    no_network_flags = inception_weights is None and features is None and features_size is None
+    return reference.strip() == FACES_REFERENCE and no_network_flags
 
 
 # --------------------------------------------------------------------------- the common interface

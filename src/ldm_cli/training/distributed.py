@@ -96,6 +96,8 @@ class StopFlag:
 
     def __enter__(self) -> "StopFlag":
         for sig in self.SIGNALS:
+            if sig == signal.SIGINT and signal.getsignal(sig) == signal.SIG_IGN:
+                continue  # a background job (nohup, `&`) was told to ignore Ctrl-C: keep it that way
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: signals cannot be caught here

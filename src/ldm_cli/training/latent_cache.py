@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ldm_cli.common.files import atomic_write, file_sha256
+from ldm_cli.common.files import atomic_write, file_sha256, require_free_space
 from ldm_cli.config import DenoiserRunConfig
 from ldm_cli.data.cache import ImageSet
 from ldm_cli.modelfiles.bundles import VAEBundle
@@ -87,6 +87,8 @@ def load_or_build_latent_cache(
     cache = build_latent_cache(vae.network, images.train, config.latents.encode_batch_size, device, config.data.flip,
                                show_progress=is_main)
     if is_main:
+        needed = 2 * cache.mean.numel() * cache.mean.element_size() + (1 << 20)
+        require_free_space(path.parent, needed, "the latent cache")
         with atomic_write(path) as tmp:
             save_file({"mean": cache.mean.contiguous(), "std": cache.std.contiguous()}, str(tmp), metadata={"key": key})
     return cache

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import pickle
@@ -442,3 +443,149 @@ def test_evaluate_command_prints_scores_and_reports_missing_weights(tiny_net, fa
     assert result.exit_code == 2 and "Traceback" not in result.output
     errors = [line for line in result.stderr.splitlines() if line.startswith("ldm: error:")]
     assert len(errors) == 1 and INCEPTION_FILE in errors[0]
+
+
+# --------------------------------------------------------------------------- builtin:faces: the face-attribute network
+
+
+@pytest.fixture
+def no_inception(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """No Inception weights anywhere, and no runs/denoiser/denoiser.safetensors in the working folder."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return work
+
+
+@pytest.fixture(scope="module")
+def sampled(trained_denoiser: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """10 samples of the tiny denoiser, as `ldm sample -o` writes them (with sample.json)."""
+    from ldm_cli.commands.sample import run_sample
+
+    out = tmp_path_factory.mktemp("sampled") / "samples"
+    run_sample(trained_denoiser, out, num_samples=10, sampler="ddim", steps=4, batch_size=10,
+               device=torch.device("cpu"))
+    return out
+
+
+def test_sample_records_its_checkpoint_sampler_steps_and_seed(sampled, trained_denoiser):
+    record = json.loads((sampled / "sample.json").read_text())
+    assert record == {"checkpoint": str(trained_denoiser.resolve()), "sampler": "ddim", "steps": 4, "seed": 42}
+
+
+def test_sample_json_is_claimed_like_the_other_outputs(trained_denoiser, tmp_path):
+    from ldm_cli.commands.sample import run_sample
+
+    out = tmp_path / "samples"
+    out.mkdir()
+    (out / "sample.json").write_text("{}")
+    with pytest.raises(UsageError) as err:
+        run_sample(trained_denoiser, out, num_samples=1, sampler="ddim", steps=2, device=torch.device("cpu"))
+    assert_one_line(err, "sample.json' already exists", "--overwrite")
+    assert (out / "sample.json").read_text() == "{}" and not (out / "images").exists()
+
+
+def test_builtin_faces_needs_no_weights_and_scores_samples_beside_three_references(sampled, trained_denoiser,
+                                                                                  no_inception, tmp_path):
+    from ldm_cli.common.files import file_sha256
+    from ldm_cli.evaluation.face_attributes import HEADS, default_weights_path
+
+    out = tmp_path / "scores" / "faces.json"
+    report = ev.run_evaluate(sampled, "builtin:faces", batch_size=4, device="cpu", json_path=out)
+    assert isinstance(report, ev.FaceEvaluationReport)
+    assert report.checkpoint == trained_denoiser.resolve()  # named by sample.json
+    assert report.n_reference == 86 and report.resolution == RES  # the model's split: 96 faces, 10 held out
+    scores = report.scores
+    assert list(scores) == ["samples", "floor", "vae_reconstruction", "prior"]
+    assert [s.count for s in scores.values()] == [10, 10, 10, 10]
+    assert scores["floor"].fd < scores["prior"].fd and scores["floor"].kid_mean < scores["prior"].kid_mean
+
+    lines = ev.format_report(report)
+    assert lines[1].split() == ["samples", "floor", "VAE", "recon", "prior"]
+    rows = {line[:13].strip(): line[13:].split() for line in lines[2:9]}
+    assert list(rows) == ["FD", "KID ×1000", "precision", "recall", "legibility", "attribute KL", "images"]
+    assert rows["FD"] == [f"{s.fd:.3f}" for s in scores.values()]
+    assert rows["images"] == ["10"] * 4
+    assert lines[9].startswith("lower is better for FD, KID and attribute KL, higher for precision")
+    assert f"numbers written to {out}" in lines
+
+    saved = json.loads(out.read_text())
+    assert saved["network"]["sha256"] == file_sha256(default_weights_path())
+    assert saved["network"]["feature_dim"] == 192 and saved["checkpoint"] == str(trained_denoiser.resolve())
+    assert saved["reference"]["count"] == 86 and saved["reference"]["holdout_fraction"] == 0.1
+    for key, value in scores.items():
+        assert saved["sets"][key] == value.to_dict()  # JSON keeps floats exactly
+        assert set(saved["sets"][key]["attribute_kl_per_head"]) == {h.name for h in HEADS}
+
+
+def test_without_a_model_only_the_floor_is_printed_with_how_to_get_the_rest(no_inception, tmp_path):
+    samples = write_faces(tmp_path / "faces", 12, seed=5)
+    report = ev.run_evaluate(samples, "builtin:faces", batch_size=64, num_reference=300, device="cpu")
+    assert report.checkpoint is None and report.n_reference == 300  # of the default split's 3891 training faces
+    assert report.scores["vae_reconstruction"] is None and report.scores["prior"] is None
+    assert report.scores["floor"].count == 12  # the default split holds out 205
+    lines = ev.format_report(report)
+    assert lines[1].split() == ["samples", "floor"]
+    assert any("--checkpoint" in line and "sample.json" in line for line in lines)
+
+    (samples / "sample.json").write_text(json.dumps({"checkpoint": str(tmp_path / "gone.safetensors")}))
+    report = ev.run_evaluate(samples, "builtin:faces", batch_size=64, num_reference=300, device="cpu")
+    assert report.reference_cached and report.scores["prior"] is None
+    assert "gone.safetensors" in report.note and "--checkpoint" in report.note
+
+
+def test_a_checkpoint_of_another_resolution_or_without_the_face_network_is_refused(trained_denoiser, tiny_net,
+                                                                                  faces_a, no_inception, tmp_path):
+    big = tmp_path / "big"
+    big.mkdir()
+    for i in range(3):
+        draw_face(i, 2 * RES, 1).save(big / f"{i:06d}.png")
+    with pytest.raises(UsageError) as err:
+        ev.run_evaluate(big, "builtin:faces", checkpoint=trained_denoiser, device="cpu")
+    assert_one_line(err, str(trained_denoiser), "16px", "32px")
+    with pytest.raises(UsageError) as err:
+        evaluate(faces_a, faces_a, tiny_net, checkpoint=trained_denoiser)
+    assert_one_line(err, "--checkpoint", "builtin:faces")
+
+
+def test_json_is_claimed_before_any_work_and_written_for_any_network(tiny_net, faces_a, faces_b, tmp_path):
+    out = tmp_path / "scores.json"
+    out.write_text("keep")
+    with pytest.raises(UsageError) as err:
+        evaluate(faces_b, faces_a, tiny_net, json_path=out)
+    assert_one_line(err, "scores.json' already exists", "--overwrite")
+    assert out.read_text() == "keep"
+    report = evaluate(faces_b, faces_a, tiny_net, json_path=out, overwrite=True)
+    saved = json.loads(out.read_text())
+    assert saved["network"] == "torchscript tiny.pt" and saved["fid"] == pytest.approx(report.fid)
+    assert saved["n_samples"] == 24 and saved["precision"] == pytest.approx(report.precision)
+
+
+def evaluate_options() -> set[str]:
+    import typer.main
+
+    from ldm_cli.cli import app
+
+    command = typer.main.get_command(app).commands.get("evaluate")
+    return {name for param in (command.params if command else []) for name in getattr(param, "opts", [])}
+
+
+@pytest.mark.skipif(not {"--checkpoint", "--json", "--overwrite"} <= evaluate_options(),
+                    reason="--checkpoint, --json and --overwrite are not wired into `ldm evaluate` yet")
+def test_evaluate_command_on_builtin_faces_prints_the_table_and_writes_json(sampled, no_inception, tmp_path):
+    from typer.testing import CliRunner
+
+    from ldm_cli.cli import app
+
+    out = tmp_path / "faces.json"
+    args = ["evaluate", "--samples", str(sampled), "--reference", "builtin:faces", "--batch-size", "4", "--json", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if line.split()[:2] == ["samples", "floor"])
+    assert header.split() == ["samples", "floor", "VAE", "recon", "prior"]
+    assert "lower is better for FD" in result.stdout
+    assert json.loads(out.read_text())["sets"]["prior"]["count"] == 10
+    again = CliRunner().invoke(app, args)
+    errors = [line for line in again.stderr.splitlines() if line.startswith("ldm: error:")]
+    assert again.exit_code == 2 and len(errors) == 1 and "already exists" in errors[0]

@@ -355,18 +355,22 @@ def demo_command(
 @reports_errors
 def evaluate_command(
     samples: Annotated[Path, typer.Option("--samples", help="Generated images: an `ldm sample` output folder (its images/ is used) or any folder of images.")],
-    reference: Annotated[str, typer.Option("--reference", help="Reference images: an image folder, a .zip of images, or builtin:faces (prepared at the samples' resolution).")],
-    inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="Local torchvision Inception v3 weights (inception_v3_google-0cc3c7bd.pth or .safetensors). Default: $TORCH_HOME/hub/checkpoints/ (TORCH_HOME defaults to ~/.cache/torch). Never downloaded.")] = None,
+    reference: Annotated[str, typer.Option("--reference", help="Reference images: an image folder, a .zip of images, or builtin:faces (prepared at the samples' resolution). builtin:faces is scored with the packaged face-attribute network, beside three references, unless a feature-network option is given.")],
+    inception_weights: Annotated[Optional[Path], typer.Option("--inception-weights", help="Local torchvision Inception v3 weights (inception_v3_google-0cc3c7bd.pth or .safetensors). Default: $TORCH_HOME/hub/checkpoints/ (TORCH_HOME defaults to ~/.cache/torch). Never downloaded; not needed for builtin:faces.")] = None,
     features: Annotated[Optional[Path], typer.Option("--features", help="TorchScript feature network instead of Inception: float images in [0, 1] of shape (N, 3, S, S) → features (N, D).")] = None,
     features_size: Annotated[Optional[int], typer.Option("--features-size", min=1, help="Side S images are resized to for --features.", show_default="the samples' own size")] = None,
-    num_reference: Annotated[Optional[int], typer.Option("--num-reference", help="Use this many reference images (a fixed random subset; builtin:faces draws this many).", show_default="all")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per pass of the feature network (memory does not grow with the number of images).")] = 50,
+    num_reference: Annotated[Optional[int], typer.Option("--num-reference", help="Use this many reference images (a fixed random subset). With the face-attribute network: at most this many of builtin:faces' training faces; else builtin:faces draws this many.", show_default="all")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per pass of the feature network (memory does not grow with the number of images).")] = 50,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="Denoiser file (it bundles its VAE) for the VAE-recon and prior references of the builtin:faces scores.", show_default="the checkpoint the samples folder's sample.json names, else runs/denoiser/denoiser.safetensors if it exists")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write every number (each set's scores, per-head attribute KL, counts, the network's identity) as JSON to this file.")] = None,
+    overwrite: ReplaceOpt = False,
 ) -> None:
-    """Score generated images against a data set: FID, KID and precision/recall in a feature network's space."""
+    """Score generated images against a data set: FID/FD, KID and precision/recall (and, on builtin:faces, legibility and attribute KL beside three references)."""
     from ldm_cli.commands.evaluate import format_report, run_evaluate
 
     report = run_evaluate(samples, reference, inception_weights=inception_weights, features=features,
-                          features_size=features_size, batch_size=batch_size, num_reference=num_reference)
+                          features_size=features_size, batch_size=batch_size, num_reference=num_reference,
+                          checkpoint=checkpoint, json_path=json_path, overwrite=overwrite)
     for line in format_report(report):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 

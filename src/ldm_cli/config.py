@@ -15,7 +15,7 @@ import math
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, ClassVar, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
@@ -72,24 +72,20 @@ class DataConfig(Section):
     cache_dir: str | None = Field(None, description="uint8 cache folder; default $LDM_CACHE_DIR or ~/.cache/ldm")
 
 
+AdamBeta = Annotated[float, Field(ge=0.0, lt=1.0)]  # each of Adam's (β1, β2)
+
+
 class OptimConfig(Section):
     """AdamW with linear warmup, then a constant or cosine learning rate."""
 
     lr: float = Field(2e-4, gt=0.0)
     weight_decay: float = Field(0.0, ge=0.0)
-    adam_betas: tuple[float, float] = (0.9, 0.99)
+    adam_betas: tuple[AdamBeta, AdamBeta] = (0.9, 0.99)
     adam_eps: float = Field(1e-8, gt=0.0)
     warmup_steps: int = Field(100, ge=0)
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / lr for cosine")
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")
-
-    @field_validator("adam_betas")
-    @classmethod
-    def _betas_in_unit_interval(cls, betas: tuple[float, float]) -> tuple[float, float]:
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError("each Adam β must be in [0, 1)")
-        return betas
 
 
 class TrainConfig(Section):

@@ -40,7 +40,6 @@ identity) for scripts; like every output it is claimed first and written atomica
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -50,45 +49,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
+from ldm_cli.commands.evaluate_faces import KID_SCALE, FaceEvaluationReport, evaluate_faces, format_face_report
+from ldm_cli.commands.sample_folder import sample_batches, sample_files, sample_resolution
 from ldm_cli.common.files import atomic_write, claim_outputs
 from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.config import DataConfig
-from ldm_cli.data.cache import cache_dir_for, cache_stem, holdout_size, load_images, make_cache_dir, read_cache
-from ldm_cli.data.decoding import load_image_file
-from ldm_cli.data.sources import list_image_files, resolve_source
+from ldm_cli.data.cache import cache_dir_for, cache_stem, load_images, make_cache_dir, read_cache
+from ldm_cli.data.sources import resolve_source
 from ldm_cli.errors import UsageError
 from ldm_cli.evaluation.distances import (
-    KID_SUBSET_SIZE,
-    KID_SUBSETS,
     PR_K,
-    PR_MAX_IMAGES,
-    SUBSET_SEED,
-    frechet_distance,
+    distances_to_reference,
     gaussian_stats,
-    kernel_distance,
-    knn_radii,
-    pr_subset,
-    precision_recall,
+    reference_radii,
     subset_rows,
 )
 from ldm_cli.evaluation.face_quality import (
     KL_SMOOTHING,
     LEGIBLE_P,
-    FaceScores,
-    heldout_faces,
-    load_face_network,
-    load_or_build_reference,
-    prior_batches,
-    reconstruction_batches,
-    score_faces,
 )
-from ldm_cli.evaluation.features import FACES_REFERENCE, FeatureNetwork, load_feature_network, uses_face_network
-from ldm_cli.modelfiles.bundles import DenoiserBundle, load_denoiser
-from ldm_cli.training.start import default_model_file
+from ldm_cli.evaluation.features import FeatureNetwork, load_feature_network, uses_face_network
+from ldm_cli.evaluation.reference_cache import cache_path, consistent_stats, read_cached, write_cached
 
 logger = logging.getLogger("ldm")
 
@@ -114,50 +96,6 @@ def extract_features(net: FeatureNetwork, batches: Iterator[torch.Tensor], total
                 progress.advance()
     assert features is not None and done == total, "every image yields one feature vector"
     return features
-
-
-# --------------------------------------------------------------------------- the samples
-
-
-def samples_folder(samples: Path) -> Path:
-    """The folder of sample images: `samples/images` when given an `ldm sample` output folder."""
-    if not samples.exists():
-        raise UsageError(f"--samples '{samples}': no such folder")
-    if not samples.is_dir():
-        raise UsageError(f"--samples '{samples}': not a folder (expected a folder of generated images)")
-    nested = samples / "images"
-    if nested.is_dir() and list_image_files(nested):
-        return nested  # `ldm sample -o DIR` writes DIR/grid.png and DIR/images/000000.png …
-    return samples
-
-
-def sample_files(samples: Path) -> list[Path]:
-    """The image files of the samples folder, sorted; at least 2 (a covariance needs them)."""
-    folder = samples_folder(samples)
-    files = [folder / name for name in list_image_files(folder)]
-    if not files:
-        raise UsageError(f"--samples '{samples}': holds no images (.png, .jpg, .jpeg, .webp, .bmp)")
-    if len(files) < 2:
-        raise UsageError(f"--samples '{samples}': holds {len(files)} image; at least 2 are needed")
-    return files
-
-
-def sample_resolution(path: Path) -> int:
-    """The side of the first sample (the short side, as data preparation crops to a square)."""
-    try:
-        with Image.open(path) as image:
-            side = min(image.size)
-    except Exception as err:  # PIL raises many types for a file that is not an image
-        raise UsageError(f"sample '{path}': not a usable image ({err})") from None
-    if not 8 <= side <= 4096:
-        raise UsageError(f"sample '{path}': {side}px; evaluate needs images of 8 to 4096 pixels")
-    return side
-
-
-def sample_batches(files: list[Path], resolution: int, batch_size: int) -> Iterator[torch.Tensor]:
-    """uint8 `(B, 3, R, R)` batches of the sample files, decoded as data sets are."""
-    for start in range(0, len(files), batch_size):
-        yield torch.stack([load_image_file(f, resolution) for f in files[start:start + batch_size]])
 
 
 # --------------------------------------------------------------------------- the reference
@@ -193,40 +131,22 @@ def reference_config(reference: str, resolution: int, num_reference: int | None)
 
 def stats_path(cfg: DataConfig, net: FeatureNetwork, num_reference: int | None) -> Path:
     """The cache file of one reference source, resolution, subset size and feature network."""
-    identity = {"format": STATS_FORMAT, "network": net.identity, "num_reference": num_reference,
-                "kid": [KID_SUBSETS, KID_SUBSET_SIZE], "pr": [PR_K, PR_MAX_IMAGES, SUBSET_SEED]}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    stem = cache_stem(resolve_source(cfg), cfg.resolution)
-    return cache_dir_for(cfg) / f"{stem}-fidstats-{key}.safetensors"
+    return cache_path(cfg, "fidstats", {"format": STATS_FORMAT, "network": net.identity, "num_reference": num_reference})
 
 
 def read_stats(path: Path, net: FeatureNetwork) -> ReferenceStats | None:
     """Cached reference statistics if `path` holds a complete, matching file; else None."""
-    if not path.is_file():
+    tensors = read_cached(path, STATS_FORMAT, net.identity, "reference statistics")
+    if tensors is None or not consistent_stats(tensors):
         return None
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        stats = ReferenceStats(tensors["mu"], tensors["sigma"], tensors["features"], tensors["radii"])
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
-        logger.warning("reference statistics '%s': unreadable (%s); computing them again", path, err)
-        return None
-    n, d = stats.features.shape
-    consistent = (stats.mu.shape == (d,) and stats.sigma.shape == (d, d)
-                  and len(stats.radii) in (0, min(n, PR_MAX_IMAGES)))
-    if meta.get("format") != str(STATS_FORMAT) or meta.get("network") != net.identity or not consistent:
-        return None
-    return stats
+    return ReferenceStats(tensors["mu"], tensors["sigma"], tensors["features"], tensors["radii"])
 
 
 def write_stats(path: Path, stats: ReferenceStats, net: FeatureNetwork, source: str, resolution: int) -> None:
-    """Write reference statistics as safetensors (no pickle), beside the final name, then rename."""
-    tensors = {"mu": stats.mu, "sigma": stats.sigma, "features": stats.features, "radii": stats.radii}
-    metadata = {"format": str(STATS_FORMAT), "network": net.identity, "network_name": net.name,
-                "source": source, "resolution": str(resolution), "count": str(len(stats.features))}
-    with atomic_write(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    """Write reference statistics as safetensors (no pickle), atomically."""
+    write_cached(path, {"mu": stats.mu, "sigma": stats.sigma, "features": stats.features, "radii": stats.radii},
+                 STATS_FORMAT, net.identity, network_name=net.name, source=source, resolution=str(resolution),
+                 count=str(len(stats.features)))
 
 
 def reference_batches(parts: list[torch.Tensor], rows: np.ndarray, batch_size: int) -> Iterator[torch.Tensor]:
@@ -258,8 +178,7 @@ def compute_reference(
     features = extract_features(net, reference_batches(parts, rows, batch_size), len(rows), "reference")
     on_device = features.to(net.device)
     mu, sigma = gaussian_stats(on_device)
-    radii = knn_radii(pr_subset(on_device)) if len(rows) > PR_K else torch.empty(0, dtype=torch.float64)
-    return ReferenceStats(mu.cpu(), sigma.cpu(), features, radii.cpu())
+    return ReferenceStats(mu.cpu(), sigma.cpu(), features, reference_radii(on_device).cpu())
 
 
 def reference_stats(
@@ -275,150 +194,6 @@ def reference_stats(
     make_cache_dir(cfg)
     write_stats(path, stats, net, cfg.source, cfg.resolution)
     return stats, path, False
-
-
-# --------------------------------------------------------------------------- the model behind the samples
-
-SAMPLE_RECORD = "sample.json"  # `ldm sample` writes it beside grid.png and images/
-NO_MODEL_HINT = (
-    "pass --checkpoint DENOISER.safetensors, or evaluate a folder written by `ldm sample` "
-    "(its sample.json names the checkpoint)"
-)
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """The denoiser file whose VAE makes the VAE-recon and prior references, and how it was found."""
-
-    path: Path
-    origin: str  # "--checkpoint", "sample.json" or "default"
-
-
-def sample_record(samples: Path) -> Path | None:
-    """The samples folder's `sample.json` (or that of the sample folder above an `images/` folder)."""
-    folder = Path(samples)
-    candidates = [folder / SAMPLE_RECORD] + ([folder.parent / SAMPLE_RECORD] if folder.name == "images" else [])
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def recorded_checkpoint(record: Path) -> Path:
-    """The checkpoint a `sample.json` names (a relative path is relative to its folder)."""
-    try:
-        path = Path(json.loads(record.read_text(encoding="utf-8"))["checkpoint"])
-    except (OSError, ValueError, KeyError, TypeError):
-        raise UsageError(f"'{record}': does not name a checkpoint (not a sample record); pass --checkpoint") from None
-    return path if path.is_absolute() else record.parent / path
-
-
-def choose_model(samples: Path, checkpoint: Path | None) -> tuple[ModelChoice | None, str | None]:
-    """(the denoiser to use, None), or (None, why there is none and how to get one)."""
-    if checkpoint is not None:
-        return ModelChoice(Path(checkpoint), "--checkpoint"), None
-    record = sample_record(samples)
-    if record is not None:
-        path = recorded_checkpoint(record)
-        if path.is_file():
-            return ModelChoice(path, SAMPLE_RECORD), None
-        return None, f"{record} names the checkpoint '{path}', which is not there; pass --checkpoint DENOISER.safetensors"
-    default = default_model_file("denoiser")
-    if default.is_file():
-        return ModelChoice(default, "default"), None
-    return None, NO_MODEL_HINT
-
-
-def load_model(choice: ModelChoice, resolution: int, device: torch.device) -> tuple[DenoiserBundle | None, str | None]:
-    """The denoiser bundle on `device`, if it makes images of the samples' size.
-
-    A file named by the user or by sample.json that does not is an error; the default
-    run's file is merely skipped (it may belong to another experiment)."""
-    bundle = load_denoiser(choice.path)
-    if bundle.vae.resolution != resolution:
-        problem = f"checkpoint '{choice.path}' makes {bundle.vae.resolution}px images, but the samples are {resolution}px"
-        if choice.origin == "default":
-            return None, f"{problem}; {NO_MODEL_HINT}"
-        raise UsageError(f"{problem}; pass --checkpoint with the denoiser that made them")
-    logger.info("VAE reconstructions and prior decodes from %s (%s)", choice.path, choice.origin)
-    return bundle.to(device), None
-
-
-def trained_data(bundle: DenoiserBundle) -> DataConfig:
-    """The data the denoiser was trained on (its `data` metadata), else its VAE's."""
-    try:
-        return DataConfig.model_validate(bundle.metadata["data"])
-    except (KeyError, ValueError, TypeError):
-        return bundle.vae.data
-
-
-def faces_config(resolution: int, bundle: DenoiserBundle | None) -> DataConfig:
-    """builtin:faces at the samples' resolution, split as the model's training data was
-    (when that is builtin:faces with at least 2 held-out faces), else the default split."""
-    default = DataConfig(source=FACES_REFERENCE, resolution=resolution)
-    if bundle is None:
-        return default
-    trained = trained_data(bundle)
-    if trained.source.strip() != FACES_REFERENCE:
-        return default
-    if holdout_size(trained.builtin_size, trained.holdout_fraction) < 2:
-        logger.warning("the model's builtin:faces data holds out fewer than 2 faces; using the default split "
-                       "(%d faces, %g held out), some of which the model may have seen",
-                       default.builtin_size, default.holdout_fraction)
-        return default
-    return default.model_copy(update={"builtin_size": trained.builtin_size,
-                                      "holdout_fraction": trained.holdout_fraction, "seed": trained.seed})
-
-
-# --------------------------------------------------------------------------- the face-attribute scores
-
-FACE_SETS = {"samples": "samples", "floor": "floor", "vae_reconstruction": "VAE recon", "prior": "prior"}
-
-
-@dataclass
-class FaceEvaluationReport:
-    """What `ldm evaluate` measured with the face-attribute network. `scores` maps each of
-    FACE_SETS to its scores; VAE recon and prior are None without a model (`note` says why)."""
-
-    scores: dict[str, FaceScores | None]
-    network: dict[str, object]  # FaceNetwork.describe()
-    resolution: int
-    data: DataConfig  # builtin:faces as split for the reference (training faces) and the floor (held out)
-    n_reference: int
-    reference_cache: Path
-    reference_cached: bool
-    checkpoint: Path | None
-    note: str | None
-    seconds: float = 0.0
-    json_path: Path | None = None
-
-
-def evaluate_faces(
-    samples: Path, files: list[Path], resolution: int, *, checkpoint: Path | None, num_reference: int | None,
-    batch_size: int, device: torch.device,
-) -> FaceEvaluationReport:
-    """Score the sample files and the three references against builtin:faces' training faces."""
-    choice, note = choose_model(samples, checkpoint)
-    bundle = None
-    if choice is not None:
-        bundle, note = load_model(choice, resolution, device)
-    cfg = faces_config(resolution, bundle)
-    network = load_face_network(device=device)
-    reference, cache_path, cached = load_or_build_reference(cfg, network, num_reference, batch_size)
-
-    def score(images: torch.Tensor | Iterator[torch.Tensor], what: str, total: int | None = None) -> FaceScores:
-        return score_faces(images, reference, network, total=total, batch_size=batch_size, what=what)
-
-    scores: dict[str, FaceScores | None] = dict.fromkeys(FACE_SETS)
-    scores["samples"] = score(sample_batches(files, resolution, batch_size), "samples", len(files))
-    heldout = heldout_faces(cfg, len(files))
-    scores["floor"] = score(heldout, "held-out faces")
-    if bundle is not None:
-        scores["vae_reconstruction"] = score(reconstruction_batches(bundle.vae, heldout, batch_size),
-                                             "VAE reconstructions", len(heldout))
-        scores["prior"] = score(prior_batches(bundle.vae, len(files), batch_size), "prior decodes", len(files))
-    return FaceEvaluationReport(
-        scores=scores, network=network.describe(), resolution=resolution, data=cfg, n_reference=len(reference),
-        reference_cache=cache_path, reference_cached=cached, checkpoint=choice.path if bundle is not None else None,
-        note=note,
-    )
 
 
 # --------------------------------------------------------------------------- the command
@@ -461,15 +236,9 @@ def evaluate_in_features(
     """FID, KID and precision/recall of the sample files in the features of `net`."""
     ref, cache_path, reused = reference_stats(cfg, net, num_reference, batch_size)
     fake = extract_features(net, sample_batches(files, resolution, batch_size), len(files), "samples").to(device)
-    real = ref.features.to(device)
-    mu, sigma = gaussian_stats(fake)
-    fid = frechet_distance(mu, sigma, ref.mu.to(device), ref.sigma.to(device))
-    kid_mean, kid_std = kernel_distance(fake, real)
-    precision = recall = None
-    if len(fake) > PR_K and len(ref.radii):
-        precision, recall = precision_recall(pr_subset(real), pr_subset(fake), real_radii=ref.radii.to(device))
+    d = distances_to_reference(fake, ref.features, ref.mu, ref.sigma, ref.radii)
     return EvaluationReport(
-        fid=fid, kid_mean=kid_mean, kid_std=kid_std, precision=precision, recall=recall, n_samples=len(files),
+        fid=d.fd, kid_mean=d.kid_mean, kid_std=d.kid_std, precision=d.precision, recall=d.recall, n_samples=len(files),
         n_reference=len(ref.features), network=net.name, resolution=resolution, reference_cache=cache_path,
         reference_cached=reused,
     )
@@ -513,8 +282,6 @@ def run_evaluate(
 # --------------------------------------------------------------------------- what it prints and writes
 
 
-KID_SCALE = 1000
-
 
 def format_report(report: EvaluationReport | FaceEvaluationReport) -> list[str]:
     """The lines `ldm evaluate` prints."""
@@ -534,58 +301,6 @@ def format_report(report: EvaluationReport | FaceEvaluationReport) -> list[str]:
         f"reference statistics {'reused from' if report.reference_cached else 'cached in'} {report.reference_cache}",
         *([f"numbers written to {report.json_path}"] if report.json_path else []),
     ]
-
-
-FACE_ROWS = (  # label, how to read one FaceScores
-    ("FD", lambda s: s.fd),
-    (f"KID ×{KID_SCALE}", lambda s: s.kid_mean * KID_SCALE),
-    ("precision", lambda s: s.precision),
-    ("recall", lambda s: s.recall),
-    ("legibility", lambda s: s.legibility),
-    ("attribute KL", lambda s: s.attribute_kl),
-    ("images", lambda s: s.count),
-)
-HOW_TO_READ = (
-    "lower is better for FD, KID and attribute KL, higher for precision, recall and legibility; "
-    "floor: held-out real faces, VAE recon: those faces through the VAE, prior: decoded z ~ N(0, I)"
-)
-
-
-def table_cell(value: float | None) -> str:
-    """A number for the table: counts as they are, scores to 3 decimals."""
-    if value is None:
-        return "n/a"
-    return str(value) if isinstance(value, int) else f"{value:.3f}"
-
-
-def face_table(scores: dict[str, FaceScores | None]) -> list[str]:
-    """metric × set, the sets without scores left out."""
-    shown = [key for key, value in scores.items() if value is not None]
-    lines = [f"{'':<13}" + "".join(f"{FACE_SETS[key]:>11}" for key in shown)]
-    for label, read in FACE_ROWS:
-        lines.append(f"{label:<13}" + "".join(f"{table_cell(read(scores[key])):>11}" for key in shown))
-    return lines
-
-
-def format_face_report(report: FaceEvaluationReport) -> list[str]:
-    """The title, the table, how to read it, where VAE recon and prior come from (or how to get them)."""
-    network, samples, floor = report.network, report.scores["samples"], report.scores["floor"]
-    title = (f"{samples.count} samples vs {report.n_reference} training faces of {FACES_REFERENCE} at "
-             f"{report.resolution}px; features: {network['name']} ({network['feature_dim']}-d, "
-             f"sha256 {str(network['sha256'])[:12]})")
-    lines = [title, *face_table(report.scores), HOW_TO_READ]
-    if report.checkpoint is not None:
-        lines.append(f"VAE recon and prior: {report.checkpoint}")
-    else:
-        lines.append(f"VAE recon and prior need the denoiser: {report.note}")
-    if floor.count < samples.count:
-        lines.append(f"the held-out split holds {floor.count} faces, fewer than the samples: "
-                     "FD and KID are biased upward for smaller sets")
-    verb = "reused from" if report.reference_cached else "cached in"
-    lines.append(f"reference features {verb} {report.reference_cache}")
-    if report.json_path:
-        lines.append(f"numbers written to {report.json_path}")
-    return lines
 
 
 def report_json(report: EvaluationReport | FaceEvaluationReport) -> dict[str, object]:

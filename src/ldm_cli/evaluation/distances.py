@@ -18,6 +18,8 @@ network makes the features is `ldm_cli.evaluation.features`' business.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -183,3 +185,38 @@ def precision_recall(
     precision = share_inside(fake, real, real_radii)
     recall = share_inside(real, fake, knn_radii(fake, k))
     return precision, recall
+
+
+# --------------------------------------------------------------------------- one set against another
+
+
+@dataclass(frozen=True)
+class Distances:
+    """One set of features against a reference. Precision and recall are None when a
+    side has at most k = 3 features."""
+
+    fd: float
+    kid_mean: float
+    kid_std: float
+    precision: float | None
+    recall: float | None
+
+
+def reference_radii(features: torch.Tensor) -> torch.Tensor:
+    """k-NN radii of the reference side's precision/recall subset (empty when N ≤ k)."""
+    return knn_radii(pr_subset(features)) if len(features) > PR_K else torch.empty(0, dtype=torch.float64)
+
+
+def distances_to_reference(
+    fake: torch.Tensor, real: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, radii: torch.Tensor,
+) -> Distances:
+    """FD, KID and precision/recall of `fake` features against the reference `real`, whose
+    Gaussian (μ, Σ) and k-NN radii are already known (cached), all on `fake`'s device."""
+    device = fake.device
+    fake_mu, fake_sigma = gaussian_stats(fake)
+    fd = frechet_distance(fake_mu, fake_sigma, mu.to(device), sigma.to(device))
+    kid_mean, kid_std = kernel_distance(fake, real.to(device))
+    precision = recall = None
+    if len(fake) > PR_K and len(radii):
+        precision, recall = precision_recall(pr_subset(real.to(device)), pr_subset(fake), real_radii=radii.to(device))
+    return Distances(fd, kid_mean, kid_std, precision, recall)

@@ -29,7 +29,6 @@ as safetensors beside the image cache (`load_or_build_reference`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Iterable, Iterator, Mapping
@@ -37,32 +36,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
 
-from ldm_cli.common.files import atomic_write, file_sha256
+from ldm_cli.common.files import file_sha256
 from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.config import DataConfig
 from ldm_cli.data import faces
-from ldm_cli.data.cache import cache_dir_for, cache_stem, load_images, make_cache_dir
+from ldm_cli.data.cache import load_images
 from ldm_cli.data.pixels import to_float, to_uint8
 from ldm_cli.data.sources import resolve_source
 from ldm_cli.errors import UsageError
 from ldm_cli.evaluation.distances import (
-    KID_SUBSET_SIZE,
-    KID_SUBSETS,
-    PR_K,
-    PR_MAX_IMAGES,
-    SUBSET_SEED,
-    frechet_distance,
+    distances_to_reference,
     gaussian_stats,
-    kernel_distance,
-    knn_radii,
-    pr_subset,
-    precision_recall,
+    reference_radii,
     subset_rows,
 )
 from ldm_cli.evaluation.face_attributes import FaceAttributeNet, default_weights_path, load_face_attribute_net
+from ldm_cli.evaluation.reference_cache import cache_path, consistent_stats, read_cached, write_cached
 from ldm_cli.modelfiles.bundles import VAEBundle
 
 logger = logging.getLogger("ldm")
@@ -223,8 +213,8 @@ class ReferenceFaces:
 def reference_from(readout: FaceReadout) -> ReferenceFaces:
     """Reduce the readout of the reference images to what scoring needs (at least 2 images)."""
     mu, sigma = gaussian_stats(readout.features)
-    radii = knn_radii(pr_subset(readout.features)) if len(readout) > PR_K else torch.empty(0, dtype=torch.float64)
-    return ReferenceFaces(readout.features, mu, sigma, radii, class_counts(readout.probabilities))
+    return ReferenceFaces(readout.features, mu, sigma, reference_radii(readout.features),
+                          class_counts(readout.probabilities))
 
 
 @dataclass(frozen=True)
@@ -248,16 +238,11 @@ class FaceScores:
 
 def score_readout(readout: FaceReadout, reference: ReferenceFaces, device: torch.device | str = "cpu") -> FaceScores:
     """All scores of a readout (at least 2 images) against the reference."""
-    fake, real = readout.features.to(device), reference.features.to(device)
-    mu, sigma = gaussian_stats(fake)
-    fd = frechet_distance(mu, sigma, reference.mu.to(device), reference.sigma.to(device))
-    kid_mean, kid_std = kernel_distance(fake, real)
-    precision = recall = None
-    if len(fake) > PR_K and len(reference.radii):
-        precision, recall = precision_recall(pr_subset(real), pr_subset(fake), real_radii=reference.radii.to(device))
+    d = distances_to_reference(readout.features.to(device), reference.features, reference.mu, reference.sigma,
+                               reference.radii)
     per_head = attribute_kl(class_counts(readout.probabilities), reference.counts)
     return FaceScores(
-        count=len(readout), fd=fd, kid_mean=kid_mean, kid_std=kid_std, precision=precision, recall=recall,
+        count=len(readout), fd=d.fd, kid_mean=d.kid_mean, kid_std=d.kid_std, precision=d.precision, recall=d.recall,
         legibility=legibility(readout.probabilities), attribute_kl=sum(per_head.values()) / len(per_head),
         attribute_kl_per_head=per_head,
     )
@@ -289,46 +274,30 @@ def check_faces_config(cfg: DataConfig) -> None:
 
 def reference_path(cfg: DataConfig, network: FaceNetwork, limit: int | None) -> Path:
     """The cache file of the training faces of `cfg`, read by `network`, at most `limit` of them."""
-    identity = {"format": REFERENCE_FORMAT, "network": network.identity, "limit": limit,
-                "split": [cfg.builtin_size, cfg.holdout_fraction, cfg.seed],
-                "kid": [KID_SUBSETS, KID_SUBSET_SIZE], "pr": [PR_K, PR_MAX_IMAGES, SUBSET_SEED]}
-    key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-    return cache_dir_for(cfg) / f"{cache_stem(resolve_source(cfg), cfg.resolution)}-facestats-{key}.safetensors"
+    return cache_path(cfg, "facestats", {"format": REFERENCE_FORMAT, "network": network.identity, "limit": limit,
+                                         "split": [cfg.builtin_size, cfg.holdout_fraction, cfg.seed]})
 
 
 def read_reference(path: Path, network: FaceNetwork) -> ReferenceFaces | None:
     """The cached reference if `path` holds a complete file made by this network; else None."""
-    if not path.is_file():
+    tensors = read_cached(path, REFERENCE_FORMAT, network.identity, "face reference")
+    if tensors is None or not consistent_stats(tensors):
         return None
-    try:
-        tensors = load_file(str(path))
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        counts = {name: tensors[f"counts.{name}"] for name in network.heads}
-        reference = ReferenceFaces(tensors["features"], tensors["mu"], tensors["sigma"], tensors["radii"], counts)
-    except (SafetensorError, OSError, ValueError, KeyError) as err:
-        logger.warning("face reference '%s': unreadable (%s); computing it again", path, err)
+    n = len(tensors["features"])
+    counts = {h.name: tensors.get(f"counts.{h.name}") for h in network.net.heads}
+    if any(c is None or c.shape != (len(h.classes),) or int(c.sum()) != n
+           for h, c in zip(network.net.heads, counts.values())):
         return None
-    n, d = reference.features.shape
-    classes = {h.name: len(h.classes) for h in network.net.heads}
-    consistent = (reference.mu.shape == (d,) and reference.sigma.shape == (d, d)
-                  and len(reference.radii) in (0, min(n, PR_MAX_IMAGES))
-                  and all(c.shape == (classes[name],) and int(c.sum()) == n for name, c in counts.items()))
-    if meta.get("format") != str(REFERENCE_FORMAT) or meta.get("network") != network.identity or not consistent:
-        return None
-    return reference
+    return ReferenceFaces(tensors["features"], tensors["mu"], tensors["sigma"], tensors["radii"], counts)
 
 
 def write_reference(path: Path, reference: ReferenceFaces, network: FaceNetwork, cfg: DataConfig) -> None:
     """The reference as safetensors with its identity in the metadata (no pickle), atomically."""
     tensors = {"features": reference.features, "mu": reference.mu, "sigma": reference.sigma,
                "radii": reference.radii, **{f"counts.{name}": c for name, c in reference.counts.items()}}
-    metadata = {"format": str(REFERENCE_FORMAT), "network": network.identity, "source": cfg.source,
-                "resolution": str(cfg.resolution), "count": str(len(reference)),
-                "split": json.dumps([cfg.builtin_size, cfg.holdout_fraction, cfg.seed])}
-    make_cache_dir(cfg)
-    with atomic_write(path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    write_cached(path, tensors, REFERENCE_FORMAT, network.identity, source=cfg.source,
+                 resolution=str(cfg.resolution), count=str(len(reference)),
+                 split=json.dumps([cfg.builtin_size, cfg.holdout_fraction, cfg.seed]))
 
 
 def training_faces(cfg: DataConfig, limit: int | None) -> torch.Tensor:

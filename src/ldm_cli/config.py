@@ -210,6 +210,16 @@ class DiffusionConfig(Section):
         return self
 
 
+class QualityConfig(Section):
+    """Sample quality measured while the denoiser trains (builtin:faces data only): every
+    `every` updates, `samples` DDIM samples of the EMA model are scored like `ldm evaluate`
+    does — FD and legibility in the face-attribute network's features."""
+
+    every: int = Field(0, ge=0, description="measure every N updates; 0 turns it off")
+    samples: int = Field(256, ge=8, description="samples per measurement")
+    steps: int = Field(10, ge=1, description="DDIM steps of those samples")
+
+
 class LatentsConfig(Section):
     """Which VAE makes the latents, and whether they are cached."""
 
@@ -258,11 +268,12 @@ class DenoiserRunConfig(RunConfig):
     model: UNetConfig = UNetConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     latents: LatentsConfig = LatentsConfig()
+    quality: QualityConfig = QualityConfig()
     output: OutputConfig = OutputConfig(dir="runs/denoiser")
 
 
 RunConfigT = TypeVar("RunConfigT", VAERunConfig, DenoiserRunConfig)
-SECTION_ORDER = ("data", "model", "loss", "diffusion", "latents", "optim", "train", "logging", "output")
+SECTION_ORDER = ("data", "model", "loss", "diffusion", "latents", "quality", "optim", "train", "logging", "output")
 
 
 # --------------------------------------------------------------------------- loading

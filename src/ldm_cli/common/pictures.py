@@ -121,28 +121,34 @@ def smooth(values: Sequence[float], weight: float = 0.9) -> list[float]:
     return out
 
 
-def read_metrics(csv_path: str | Path) -> dict[str, list[float]]:
-    """Columns of `metrics.csv` as float lists (empty cells skipped)."""
-    columns: dict[str, list[float]] = {}
+def read_metrics(csv_path: str | Path) -> dict[str, tuple[list[float], list[float]]]:
+    """Each column of `metrics.csv` as (steps, values), skipping empty cells: a metric
+    measured only now and then (sample quality) has fewer points than the loss."""
+    columns: dict[str, tuple[list[float], list[float]]] = {}
     with open(csv_path, newline="") as f:
         for row in csv.DictReader(f):
             for key, value in row.items():
                 if value not in ("", None):
-                    columns.setdefault(key, []).append(float(value))
+                    steps, values = columns.setdefault(key, ([], []))
+                    steps.append(float(row["step"]))
+                    values.append(float(value))
     return columns
 
 
 def plot_metrics(csv_path: str | Path, png_path: str | Path, panels: Sequence[str], log_scale: Sequence[str] = ()) -> Path:
-    """One panel per metric against optimizer updates, raw and smoothed."""
+    """One panel per metric against optimizer updates: raw and smoothed for a metric of
+    every update, points joined by lines for one measured now and then."""
     columns = read_metrics(csv_path)
-    steps = columns.get("step", [])
+    updates = len(columns.get("step", ([], []))[0])
     panels = [p for p in panels if p in columns]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
     for ax, key in zip(axes[0], panels):
-        values = columns[key]
-        xs = steps[: len(values)]
-        ax.plot(xs, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="raw")
-        ax.plot(xs, smooth(values), color="tab:blue", linewidth=1.6, label="smoothed")
+        xs, values = columns[key]
+        if len(values) < updates / 2:
+            ax.plot(xs, values, color="tab:green", marker="o", linewidth=1.4, label="measured")
+        else:
+            ax.plot(xs, values, color="tab:blue", alpha=0.3, linewidth=0.8, label="raw")
+            ax.plot(xs, smooth(values), color="tab:blue", linewidth=1.6, label="smoothed")
         ax.set_title(key)
         ax.set_xlabel("update")
         if key in log_scale and min(values, default=1) > 0 and max(values) > min(values):

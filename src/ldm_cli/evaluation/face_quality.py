@@ -130,18 +130,20 @@ class FaceReadout:
         return len(self.features)
 
 
-def read_batches(network: FaceNetwork, batches: Iterable[torch.Tensor], total: int, what: str) -> FaceReadout:
+def read_batches(network: FaceNetwork, batches: Iterable[torch.Tensor], total: int, what: str,
+                 progress: bool = True) -> FaceReadout:
     """The readout of image batches (uint8, or float in [-1, 1]), with progress over `total` images."""
     features: list[torch.Tensor] = []
     probabilities: dict[str, list[torch.Tensor]] = {name: [] for name in network.heads}
-    with ProgressReporter(f"face features of {what}", total=total, every=max(PROGRESS_EVERY, total // 10)) as progress:
+    with ProgressReporter(f"face features of {what}", total=total, every=max(PROGRESS_EVERY, total // 10),
+                          enabled=None if progress else False) as reporter:
         for images in batches:
             batch_features, batch_probabilities = network.read(images)
             features.append(batch_features)
             for name, p in batch_probabilities.items():
                 probabilities[name].append(p)
             for _ in range(len(images)):
-                progress.advance()
+                reporter.advance()
     if not features:
         raise ValueError(f"{what}: no images to read")
     return FaceReadout(torch.cat(features), {name: torch.cat(p) for name, p in probabilities.items()})
@@ -154,9 +156,9 @@ def image_batches(images: torch.Tensor, batch_size: int) -> Iterator[torch.Tenso
 
 
 def read_images(network: FaceNetwork, images: torch.Tensor, batch_size: int = BATCH_SIZE,
-                what: str = "images") -> FaceReadout:
+                what: str = "images", progress: bool = True) -> FaceReadout:
     """The readout of `(N, 3, H, W)` images (uint8, or float in [-1, 1]), in batches."""
-    return read_batches(network, image_batches(images, batch_size), len(images), what)
+    return read_batches(network, image_batches(images, batch_size), len(images), what, progress)
 
 
 # --------------------------------------------------------------------------- legibility and attribute KL
@@ -250,16 +252,16 @@ def score_readout(readout: FaceReadout, reference: ReferenceFaces, device: torch
 
 def score_faces(
     images: torch.Tensor | Iterable[torch.Tensor], reference: ReferenceFaces, network: FaceNetwork, *,
-    total: int | None = None, batch_size: int = BATCH_SIZE, what: str = "samples",
+    total: int | None = None, batch_size: int = BATCH_SIZE, what: str = "samples", progress: bool = True,
 ) -> FaceScores:
     """Score generated images against the reference: a `(N, 3, H, W)` tensor (uint8, or float
     in [-1, 1]), or an iterable of such batches of `total` images in all."""
     if isinstance(images, torch.Tensor):
-        readout = read_images(network, images, batch_size, what)
+        readout = read_images(network, images, batch_size, what, progress)
     else:
         if total is None:
             raise ValueError("score_faces: pass `total` with an iterable of batches")
-        readout = read_batches(network, images, total, what)
+        readout = read_batches(network, images, total, what, progress)
     return score_readout(readout, reference, network.device)
 
 

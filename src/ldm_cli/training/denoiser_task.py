@@ -30,6 +30,8 @@ from ldm_cli.models.unet import UNet
 from ldm_cli.training import rundir
 from ldm_cli.training.latent_cache import load_or_build_latent_cache, sample_posterior
 from ldm_cli.training.loop import TrainResult, TrainTask, train
+from ldm_cli.training.quality import COLUMNS as QUALITY_COLUMNS
+from ldm_cli.training.quality import quality_measure
 
 PREVIEW_SAMPLES = 16
 PREVIEW_STEPS = 25
@@ -111,8 +113,11 @@ def build_denoiser_task(config: DenoiserRunConfig, vae: VAEBundle, accelerator: 
         export_denoiser(path, model, schedule, latents, vae.stats, extra)
 
     num_examples = len(cache) if cache is not None else len(images.train)
+    measure = quality_measure(config, schedule, latents, accelerator.device) if accelerator.is_main_process else None
     return TrainTask(name=config.task_name, model=UNet(config.model), num_examples=num_examples, get_batch=get_batch,
-                     loss=loss, export=export, preview=preview, metric_panels=["loss"], log_scale_panels=["loss"])
+                     loss=loss, export=export, preview=preview, metric_panels=["loss", "fd", "legibility"],
+                     log_scale_panels=["loss"], measure=measure, measure_every=config.quality.every,
+                     measure_columns=QUALITY_COLUMNS if measure is not None else [])
 
 
 def train_denoiser(config: DenoiserRunConfig, *, resume: bool = False, overwrite: bool = False) -> TrainResult:

@@ -81,6 +81,10 @@ class TrainTask:
     preview: Callable[[nn.Module, int, Path], Path] | None = None  # eval model, step, run dir → the picture
     metric_panels: list[str] = field(default_factory=lambda: ["loss"])
     log_scale_panels: list[str] = field(default_factory=list)
+    # now and then: eval model, step → numbers for metrics.csv (e.g. sample quality)
+    measure: Callable[[nn.Module, int], dict[str, float]] | None = None
+    measure_every: int = 0
+    measure_columns: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -192,7 +196,7 @@ def train(
                         stop_early(run, stopped_by)
                         break
                     update = optimizer_update(run)
-                    record_update(run, update, time.perf_counter() - started)
+                    record_update(run, update, time.perf_counter() - started, measure_if_due(run))
                     bar.advance(f"loss {update.loss:.4f}")
                     check_nonfinite_streak(run, update)
                     if run.step < tcfg.max_steps:
@@ -361,13 +365,24 @@ def optimizer_update(run: Run) -> Update:
     return update
 
 
-def record_update(run: Run, update: Update, elapsed: float) -> None:
-    """One row of metrics.csv (main process), and the same values for the trackers."""
+def measure_if_due(run: Run) -> dict[str, float]:
+    """The task's now-and-then measurement (main process), at its steps and the last one."""
+    task, every = run.task, run.task.measure_every
+    due = every > 0 and (run.step % every == 0 or run.step == run.config.train.max_steps)
+    if task.measure is None or not due or not run.is_main:
+        return {}
+    return task.measure(run.eval_model(), run.step)
+
+
+def record_update(run: Run, update: Update, elapsed: float, measured: dict[str, float]) -> None:
+    """One row of metrics.csv (main process), and the same values for the trackers; the
+    columns of measurements stay empty on the updates without one."""
     values = {"loss": update.loss, **update.parts, "lr": run.scheduler.get_last_lr()[0],
               "grad_norm": update.grad_norm if update.finite else float("nan")}
     if run.metrics is not None:
-        run.metrics.append({"step": run.step, **values, "time": elapsed})
-    log_values(run.accelerator, values, run.step)
+        run.metrics.append({"step": run.step, **values, "time": elapsed,
+                            **{column: measured.get(column, "") for column in run.task.measure_columns}})
+    log_values(run.accelerator, {**values, **measured}, run.step)
 
 
 def check_nonfinite_streak(run: Run, update: Update) -> None:

@@ -19,7 +19,7 @@ from ldm_cli.errors import ConfigError, UsageError
 logger = logging.getLogger("ldm")
 
 REFUSED = ("model.", "diffusion.")  # the checkpoint's weights mean nothing under other values
-SILENT = ("train.max_steps", "logging.", "output.", "train.compile", "train.channels_last", "train.tf32",
+SILENT = ("train.max_steps", "logging.", "output.", "quality.", "train.compile", "train.channels_last", "train.tf32",
           "latents.vae")  # the VAE file itself is compared by its digest (`identity`), not its path
 
 

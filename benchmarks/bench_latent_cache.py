@@ -62,17 +62,18 @@ from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config  # noqa: E402
-from ldm_cli.data import load_images, random_flip, to_float  # noqa: E402
-from ldm_cli.diffusion.parametrization import VPredictionLoss  # noqa: E402
-from ldm_cli.diffusion.schedules import NoiseSchedule  # noqa: E402
-from ldm_cli.models.ema import EMA  # noqa: E402
-from ldm_cli.models.latent_stats import LatentStats, stats_of_posterior_samples  # noqa: E402
-from ldm_cli.models.unet import UNet  # noqa: E402
-from ldm_cli.models.vae import VAE  # noqa: E402
-from ldm_cli.training.distributed import BatchOrder  # noqa: E402
-from ldm_cli.training.latent_cache import LatentCache, build_latent_cache, sample_posterior  # noqa: E402
-from ldm_cli.training.optim import make_optimizer, max_grad_norm  # noqa: E402
+from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
+from ldm_cli.data.pixels import random_flip, to_float
+from ldm_cli.data.prepare import load_images
+from ldm_cli.diffusion.parametrization import VPredictionLoss
+from ldm_cli.diffusion.schedules import NoiseSchedule
+from ldm_cli.models.ema import EMA
+from ldm_cli.models.latent_stats import LatentStats, stats_of_posterior_samples
+from ldm_cli.models.unet import UNet
+from ldm_cli.models.vae import VAE
+from ldm_cli.training.distributed import BatchOrder
+from ldm_cli.training.latent_cache import LatentCache, build_latent_cache, sample_posterior
+from ldm_cli.training.optim import make_optimizer, max_grad_norm
 
 PATHS = ("cache", "on-the-fly", "in-memory")
 

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 from conftest import tiny_denoiser_overrides, tiny_vae_overrides
 from ldm_cli.cli import app
-from ldm_cli.data import load_image_file, to_float
+from ldm_cli.data.decoding import load_image_file
+from ldm_cli.data.pixels import to_float
 from ldm_cli.data.faces import draw_face
 from ldm_cli.diffusion.schedules import NoiseSchedule
 

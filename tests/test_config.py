@@ -6,15 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ldm_cli.config import (
-    DenoiserRunConfig,
-    VAERunConfig,
-    load_config,
-    packaged_config,
-    parse_override,
-    read_toml,
-    to_toml,
-)
+from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config, parse_override, read_toml, to_toml
 from ldm_cli.errors import ConfigError
 
 

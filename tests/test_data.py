@@ -15,7 +15,8 @@ from PIL import Image
 
 from ldm_cli.config import DataConfig
 from ldm_cli.data import decoding
-from ldm_cli.data.cache import ImageSet, cache_dir_for, load_images, split_indices
+from ldm_cli.data.cache import ImageSet, cache_dir_for, split_indices
+from ldm_cli.data.prepare import load_images
 from ldm_cli.data.decoding import load_image_file, preprocess
 from ldm_cli.data.faces import draw_face, draw_faces, face_rng, render_face, sample_face
 from ldm_cli.data.pixels import random_flip, to_float, to_uint8

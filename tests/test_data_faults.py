@@ -26,8 +26,8 @@ import pytest
 from PIL import Image
 
 from ldm_cli.config import DataConfig
-from ldm_cli.data import cache, decoding, sources
-from ldm_cli.data.cache import load_images
+from ldm_cli.data import cache, decoding, prepare, sources
+from ldm_cli.data.prepare import load_images
 from ldm_cli.errors import DataError, LdmError, UsageError
 
 HOUR = 3600.0
@@ -130,7 +130,7 @@ def test_a_fifo_and_a_link_to_dev_zero_in_a_data_folder_are_skipped_unread(
     result = run_child(
         f"""
         from ldm_cli.config import DataConfig
-        from ldm_cli.data import load_images
+        from ldm_cli.data.prepare import load_images
         cap_memory()
         images = load_images(DataConfig(source={str(special_folder)!r}, resolution=16,
                                          holdout_fraction=0.0, cache_dir={str(tmp_path / "cache")!r}))
@@ -151,7 +151,7 @@ def test_a_fifo_and_a_link_to_dev_zero_in_a_data_folder_are_skipped_unread(
 def test_load_image_file_names_a_fifo_a_device_and_a_folder(tmp_path: Path, special_folder: Path) -> None:
     result = run_child(
         f"""
-        from ldm_cli.data import load_image_file
+        from ldm_cli.data.decoding import load_image_file
         from ldm_cli.errors import DataError
         cap_memory()
         messages = {{}}
@@ -265,13 +265,13 @@ def test_a_cache_used_while_its_successor_is_built_is_kept_until_the_next_rebuil
     (first,) = cache_dir.glob("*.json")
     age(first, HOUR)
 
-    real_decode_all = cache.decode_all
+    real_decode_all = prepare.decode_all
 
     def another_process_reads_the_first(*args, **kwargs):
         os.utime(first)  # what another process's cache hit on the first cache does meanwhile
         return real_decode_all(*args, **kwargs)
 
-    monkeypatch.setattr(cache, "decode_all", another_process_reads_the_first)
+    monkeypatch.setattr(prepare, "decode_all", another_process_reads_the_first)
     save_images(folder, 1, start=3)
     load_images(config(folder, cache_dir))
     assert first.exists(), "in use while the second was built: kept"
@@ -397,14 +397,14 @@ def test_a_full_disk_while_decoding_is_one_error_line_and_removes_the_scratch_fi
 ) -> None:
     cache_dir = tmp_path / "cache"
     save_images(tmp_path / "imgs", 4)
-    real_decode_all = cache.decode_all
+    real_decode_all = prepare.decode_all
 
     def disk_fills(source, resolution, out):
         real_decode_all(source, resolution, out)
         assert next(p.name for p in cache_dir.iterdir()).startswith(".scratch-"), "decoded into the scratch file"
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(cache, "decode_all", disk_fills)
+    monkeypatch.setattr(prepare, "decode_all", disk_fills)
     with pytest.raises(LdmError) as info:
         load_images(config(tmp_path / "imgs", cache_dir))
     message = str(info.value)
@@ -448,7 +448,7 @@ def test_a_real_full_disk_is_one_error_line_not_a_crash(tmp_path: Path, tiny_dis
         f"""
         import shutil
         from ldm_cli.config import DataConfig
-        from ldm_cli.data import load_images
+        from ldm_cli.data.prepare import load_images
         from ldm_cli.errors import LdmError
         if {lie}:
             shutil.disk_usage = lambda path: shutil._ntuple_diskusage(1 << 40, 0, 1 << 40)

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ldm_cli.common.files import format_bytes
-from ldm_cli.data.cache import ENTRY_FILE, read_index, remove_files, scan_cache_folder
+from ldm_cli.data.cache import ENTRY_FILE, read_index
+from ldm_cli.data.cache_folder import remove_files, scan_cache_folder
 from ldm_cli.errors import UsageError
 
 DAY = 24 * 3600.0

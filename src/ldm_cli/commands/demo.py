@@ -31,7 +31,7 @@ from ldm_cli.commands.schedule_plot import run_schedule_plot
 from ldm_cli.common.files import atomic_write
 from ldm_cli.common.progress import logger
 from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
-from ldm_cli.data.cache import load_images
+from ldm_cli.data.prepare import load_images
 from ldm_cli.errors import UsageError
 from ldm_cli.training.denoiser_task import train_denoiser
 from ldm_cli.training.rundir import latest_checkpoint

@@ -55,20 +55,12 @@ from ldm_cli.commands.sample_folder import sample_batches, sample_files, sample_
 from ldm_cli.common.files import atomic_write, claim_outputs
 from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.config import DataConfig
-from ldm_cli.data.cache import cache_dir_for, cache_stem, load_images, make_cache_dir, read_cache
+from ldm_cli.data.cache import cache_dir_for, cache_stem, read_cache
+from ldm_cli.data.prepare import load_images, make_cache_dir
 from ldm_cli.data.sources import resolve_source
 from ldm_cli.errors import UsageError
-from ldm_cli.evaluation.distances import (
-    PR_K,
-    distances_to_reference,
-    gaussian_stats,
-    reference_radii,
-    subset_rows,
-)
-from ldm_cli.evaluation.face_quality import (
-    KL_SMOOTHING,
-    LEGIBLE_P,
-)
+from ldm_cli.evaluation.distances import PR_K, distances_to_reference, gaussian_stats, reference_radii, subset_rows
+from ldm_cli.evaluation.face_quality import KL_SMOOTHING, LEGIBLE_P
 from ldm_cli.evaluation.features import FeatureNetwork, load_feature_network, uses_face_network
 from ldm_cli.evaluation.reference_cache import cache_path, consistent_stats, read_cached, write_cached
 

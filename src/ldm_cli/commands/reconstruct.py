@@ -17,8 +17,8 @@ import torch
 from ldm_cli.common.files import claim_outputs
 from ldm_cli.common.pictures import image_grid, save_grid, save_png
 from ldm_cli.config import DataConfig
-from ldm_cli.data.cache import load_images
 from ldm_cli.data.pixels import to_float
+from ldm_cli.data.prepare import load_images
 from ldm_cli.errors import UsageError
 from ldm_cli.evaluation.image_metrics import psnr, ssim
 from ldm_cli.modelfiles.bundles import VAEBundle, load_vae

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from ldm_cli.data.cache import ImageSet, load_images
+from ldm_cli.data.cache import ImageSet
 from ldm_cli.data.decoding import load_image_file
 from ldm_cli.data.pixels import random_flip, to_float, to_uint8
+from ldm_cli.data.prepare import load_images
 
 __all__ = ["ImageSet", "load_images", "load_image_file", "random_flip", "to_float", "to_uint8"]

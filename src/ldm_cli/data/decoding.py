@@ -13,7 +13,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.data.sources import Source, UnreadableFile, member_reader, read_regular_file
 from ldm_cli.errors import DataError
 
@@ -137,8 +137,8 @@ def decode_all(source: Source, resolution: int, out: np.ndarray) -> dict[int, st
     workers = decode_workers()
     chunk = 8 * workers
     total = len(source.members)
-    last_report = time.monotonic()
-    with bombs_are_errors(), ThreadPoolExecutor(workers) as pool, member_reader(source) as read:
+    progress = ProgressReporter(f"decode {source.text}", total, unit="images")
+    with bombs_are_errors(), ThreadPoolExecutor(workers) as pool, member_reader(source) as read, progress:
         for start in range(0, total, chunk):
             blobs: dict[int, bytes] = {}  # read on this thread, decoded on the pool
             for i, name in enumerate(source.members[start:start + chunk], start):
@@ -154,9 +154,7 @@ def decode_all(source: Source, resolution: int, out: np.ndarray) -> dict[int, st
                     failures[i] = result
                 else:
                     out[i] = result.transpose(2, 0, 1)
-            if time.monotonic() - last_report > 10:
-                logger.info("decoded %d/%d images of %s", min(start + chunk, total), total, source.text)
-                last_report = time.monotonic()
+            progress.advance(by=min(chunk, total - start))
     return failures
 
 

@@ -14,6 +14,7 @@ anti-aliases every edge.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -319,9 +320,11 @@ def draw_face(index: int, resolution: int, seed: int = 0) -> Image.Image:
     return render_face(sample_face(face_rng(index, seed)), resolution)
 
 
-def draw_faces(count: int, resolution: int, seed: int = 0) -> np.ndarray:
-    """Faces `0 … count-1` as uint8 `(count, resolution, resolution, 3)`."""
+def draw_faces(count: int, resolution: int, seed: int = 0, on_face: Callable[[], None] | None = None) -> np.ndarray:
+    """Faces `0 … count-1` as uint8 `(count, resolution, resolution, 3)`; `on_face()` after each."""
     out = np.empty((count, resolution, resolution, 3), dtype=np.uint8)
     for i in range(count):
         out[i] = np.asarray(draw_face(i, resolution, seed))
+        if on_face is not None:
+            on_face()
     return out

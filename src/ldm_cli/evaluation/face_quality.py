@@ -41,16 +41,11 @@ from ldm_cli.common.files import file_sha256
 from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.config import DataConfig
 from ldm_cli.data import faces
-from ldm_cli.data.cache import load_images
 from ldm_cli.data.pixels import to_float, to_uint8
+from ldm_cli.data.prepare import load_images
 from ldm_cli.data.sources import resolve_source
 from ldm_cli.errors import UsageError
-from ldm_cli.evaluation.distances import (
-    distances_to_reference,
-    gaussian_stats,
-    reference_radii,
-    subset_rows,
-)
+from ldm_cli.evaluation.distances import distances_to_reference, gaussian_stats, reference_radii, subset_rows
 from ldm_cli.evaluation.face_attributes import FaceAttributeNet, default_weights_path, load_face_attribute_net
 from ldm_cli.evaluation.reference_cache import cache_path, consistent_stats, read_cached, write_cached
 from ldm_cli.modelfiles.bundles import VAEBundle

@@ -18,8 +18,8 @@ from torch import nn
 from ldm_cli.common.files import file_sha256
 from ldm_cli.common.pictures import save_grid
 from ldm_cli.config import DenoiserRunConfig
-from ldm_cli.data.cache import load_images
 from ldm_cli.data.pixels import random_flip, to_float
+from ldm_cli.data.prepare import load_images
 from ldm_cli.diffusion.parametrization import VPredictionLoss
 from ldm_cli.diffusion.sampling import sample
 from ldm_cli.diffusion.schedules import NoiseSchedule

@@ -16,8 +16,9 @@ from torch import nn
 
 from ldm_cli.common.pictures import save_grid
 from ldm_cli.config import VAERunConfig
-from ldm_cli.data.cache import ImageSet, load_images
+from ldm_cli.data.cache import ImageSet
 from ldm_cli.data.pixels import random_flip, to_float
+from ldm_cli.data.prepare import load_images
 from ldm_cli.modelfiles.bundles import export_vae
 from ldm_cli.models.latent_stats import measure_latent_stats
 from ldm_cli.models.vae import VAE

@@ -241,3 +241,36 @@ def test_reimagine_forward_noise_is_independent_of_every_reverse_chain(trained_d
             first_reverse_noise = torch.randn(eps.shape, generator=generator)
             correlation = torch.corrcoef(torch.stack((eps.flatten(), first_reverse_noise.flatten())))[0, 1]
             assert abs(correlation) < 0.5, f"forward noise reused by a reverse chain (t={t}, r={correlation:.3f})"
+
+
+def test_reimagine_invert_gives_the_input_back_where_fresh_noise_gives_a_new_face(trained_denoiser, face_png,
+                                                                                    tmp_path, monkeypatch):
+    """DDIM from a DDIM-inverted latent retraces the inversion (docs/MATH.md, §5); from
+    fresh noise at strength 1 it ends wherever that noise leads."""
+    import ldm_cli.commands.reimagine as reimagine
+    from ldm_cli.modelfiles.bundles import load_denoiser
+
+    outputs: dict[bool, torch.Tensor] = {}
+    real_sample = reimagine.sample
+
+    def keep_ddim(model, schedule, shape, **kwargs):
+        z = real_sample(model, schedule, shape, **kwargs)
+        if kwargs["sampler"] == "ddim" and kwargs.get("callback") is not None:
+            outputs[current[0]] = z
+        return z
+
+    current = [False]
+    monkeypatch.setattr(reimagine, "sample", keep_ddim)
+    for invert in (False, True):
+        current[0] = invert
+        reimagine.run_reimagine(trained_denoiser, face_png, tmp_path / str(invert), strengths=[1.0], steps=50,
+                                invert=invert, device=torch.device("cpu"))
+    bundle = load_denoiser(trained_denoiser)
+    z0 = bundle.vae.encode(to_float(load_image_file(face_png, bundle.vae.resolution).unsqueeze(0)))
+    inverted_error = (outputs[True][0] - z0[0]).norm() / z0.norm()
+    fresh_error = (outputs[False][0] - z0[0]).norm() / z0.norm()
+    assert inverted_error < 0.05, f"the round trip strays by {inverted_error:.3f}"
+    assert fresh_error > 10 * inverted_error
+    result = ldm("reimagine", "--checkpoint", trained_denoiser, "--image", face_png, "--steps", 8, "--invert",
+                 "--strength", "0.5", "--out", tmp_path / "cli")
+    assert result.exit_code == 0, result.output

@@ -316,6 +316,7 @@ def reimagine_command(
     seed: SeedOpt = SEED_DEFAULT,
     num_seeds: Annotated[int, typer.Option("--num-seeds", min=1, help="Seeds seed, seed+1, …: DDPM varies, DDIM stays.")] = 1,
     clip_limit: ClipOpt = None,
+    invert: Annotated[bool, typer.Option("--invert", help="Reach t by deterministic DDIM inversion instead of fresh noise: DDIM then gives the input back.")] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for reimagine.png and reimagine-trajectory.png.")] = Path("reimagined"),
     overwrite: ReplaceOpt = False,
 ) -> None:
@@ -325,7 +326,8 @@ def reimagine_command(
 
     strengths = strength or list(DEFAULT_STRENGTHS)
     report = run_reimagine(model_file(checkpoint, "denoiser", "--checkpoint"), image, out, strengths=strengths,
-                           steps=steps, seed=seed, num_seeds=num_seeds, clip_limit=clip_limit, overwrite=overwrite)
+                           steps=steps, seed=seed, num_seeds=num_seeds, clip_limit=clip_limit, overwrite=overwrite,
+                           invert=invert)
     for s in strengths:
         console.print(f"strength {s}: t = {report.start_timesteps[s]}, DDPM {report.start_timesteps[s] + 1} steps, "
                       f"DDIM {report.ddim_steps[s]} steps")

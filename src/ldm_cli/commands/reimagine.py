@@ -26,7 +26,7 @@ from ldm_cli.data.decoding import load_image_file
 from ldm_cli.data.pixels import to_float
 from ldm_cli.diffusion import DEFAULT_STEPS
 from ldm_cli.diffusion.samplers import check_sampler_args
-from ldm_cli.diffusion.sampling import forward_noise, plan_timesteps, sample
+from ldm_cli.diffusion.sampling import ddim_invert, forward_noise, plan_timesteps, sample
 from ldm_cli.errors import UsageError
 from ldm_cli.modelfiles.bundles import DenoiserBundle, load_denoiser
 
@@ -59,9 +59,11 @@ class ReimagineReport:
 def run_reimagine(
     checkpoint: Path, image: Path, out_dir: Path, *, strengths: list[float] = DEFAULT_STRENGTHS,
     steps: int = DEFAULT_STEPS, seed: int = 0, num_seeds: int = 1, clip_limit: float | None = None,
-    device: torch.device | None = None, overwrite: bool = False,
+    device: torch.device | None = None, overwrite: bool = False, invert: bool = False,
 ) -> ReimagineReport:
-    """Noise an image's latent to t = strength·T and let DDPM and DDIM bring it back."""
+    """Take an image's latent to t = strength·T — by fresh forward noise, or with `invert`
+    by deterministic DDIM inversion (docs/MATH.md, §5) — and let DDPM and DDIM bring it back.
+    From an inverted latent DDIM gives the input back; from fresh noise it gives a new face."""
     if num_seeds < 1:
         raise UsageError(f"--num-seeds {num_seeds}: must be at least 1")
     for strength in strengths:
@@ -82,7 +84,7 @@ def run_reimagine(
     what = f"reimagine {len(starts)} strength(s) × {num_seeds} seed(s), DDPM and DDIM"
     with ProgressReporter(what, model_evaluations(bundle, starts, ddim_steps, middle), unit="steps") as progress:
         for strength, t in starts.items():
-            z_t = forward_noise(bundle.schedule, z0, t, forward_noise_generator(seed)).repeat(num_seeds, 1, 1, 1)
+            z_t = start_latent(bundle, z0, t, ddim_steps[strength], seed, invert).repeat(num_seeds, 1, 1, 1)
             chains = [torch.Generator().manual_seed(seed + k) for k in range(num_seeds)]
             common = dict(z_start=z_t, t_start=t, clip_limit=clip_limit, device=device,
                           callback=counting_steps(progress))
@@ -92,7 +94,7 @@ def run_reimagine(
             ddim_out[strength] = sample(bundle.unet, bundle.schedule, z_t.shape, sampler="ddim",
                                         steps=ddim_steps[strength], **common)
         grid = save_reimagine_grid(bundle, original, strengths, starts, noised, ddpm_out, ddim_out, seed, steps,
-                                   out_dir)
+                                   out_dir, "inverted z_t" if invert else "noised z_t")
         trajectory = reimagine_trajectory(bundle, noised[middle], starts[middle], middle, ddim_steps[middle], seed,
                                           clip_limit, device, out_dir, progress)
     return ReimagineReport(grid=grid, trajectory=trajectory, start_timesteps=starts, ddim_steps=ddim_steps)
@@ -112,10 +114,19 @@ def model_evaluations(bundle: DenoiserBundle, starts: dict[float, int], ddim_ste
     return grid + chain_evaluations(bundle, starts[middle], ddim_steps[middle])
 
 
+def start_latent(bundle: DenoiserBundle, z0: torch.Tensor, t: int, ddim_steps: int, seed: int,
+                 invert: bool) -> torch.Tensor:
+    """z_t of the image: DDIM-inverted along the chain DDIM will run back (deterministic), or
+    ``α_t·z0 + σ_t·ε`` with ε from the forward noise's own stream."""
+    if invert:
+        return ddim_invert(bundle.unet, bundle.schedule, z0, ddim_steps, t_start=t)
+    return forward_noise(bundle.schedule, z0, t, forward_noise_generator(seed))
+
+
 def save_reimagine_grid(
     bundle: DenoiserBundle, original: torch.Tensor, strengths: list[float], starts: dict[float, int],
     noised: dict[float, torch.Tensor], ddpm_out: dict[float, torch.Tensor], ddim_out: dict[float, torch.Tensor],
-    seed: int, steps: int, out_dir: Path,
+    seed: int, steps: int, out_dir: Path, start_label: str = "noised z_t",
 ) -> Path:
     """A column per strength; rows: the noised latent, then DDPM and DDIM for each seed."""
     def decoded(latents: dict[float, torch.Tensor], k: int) -> list[torch.Tensor]:
@@ -123,7 +134,7 @@ def save_reimagine_grid(
 
     blank = torch.ones_like(original)
     rows = [torch.cat([original] + decoded(noised, 0))]
-    labels = ["noised z_t"]
+    labels = [start_label]
     for k in range(len(next(iter(ddpm_out.values())))):
         rows += [torch.cat([blank] + decoded(ddpm_out, k)), torch.cat([blank] + decoded(ddim_out, k))]
         labels += [f"DDPM seed {seed + k}", f"DDIM seed {seed + k}"]

@@ -224,10 +224,12 @@ def ddim_invert(
     steps: int,
     spacing: str = "trailing",
     fixed_point_iters: int = 2,
+    t_start: int | None = None,
 ) -> torch.Tensor:
-    """Deterministic DDIM encoding (η = 0) of clean latents z0, run forward in time.
+    """Deterministic DDIM encoding (η = 0) of clean latents z0, run forward in time up to
+    ``t_start`` (default T−1) — the chain `sample(..., t_start=t_start)` runs back down.
 
-    Returns the latent at the first timestep of `sampling_timesteps(T, steps, spacing)`,
+    Returns the latent at the first timestep of `sampling_timesteps(t_start + 1, steps, spacing)`,
     from which `sample(..., sampler='ddim', steps=steps, spacing=spacing, z_start=…)`
     decodes z0 again — with 'trailing' or 'linspace' spacing, whose chains start at
     T−1; a 'leading' chain starts below T−1, where `sample` cannot start it.
@@ -247,7 +249,10 @@ def ddim_invert(
     about tan|φ_t − φ_n|, so two iterations bring the round trip to about 1e-5 at 100
     steps (1.6e-5 measured on the Gaussian oracle). Model calls: steps·(1 + iterations).
     """
-    timesteps = sampling_timesteps(schedule.timesteps, steps, spacing)[::-1]
+    t_start = schedule.timesteps - 1 if t_start is None else t_start
+    if not 0 <= t_start < schedule.timesteps:
+        raise UsageError(f"t_start {t_start}: must be in 0..{schedule.timesteps - 1}")
+    timesteps = sampling_timesteps(t_start + 1, steps, spacing)[::-1]
     z = z0
     phi_t = 0.0  # the clean latent: ᾱ = 1
     with torch.inference_mode():

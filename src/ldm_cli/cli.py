@@ -8,65 +8,26 @@ configuration, 1 at run time.
 
 from __future__ import annotations
 
-import functools
-import math
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.table import Table
-from typer.core import TyperGroup
-
-try:  # typer vendors its own copy of click from 0.2x on; earlier it uses click itself
-    from typer._click import exceptions as click_errors
-except ImportError:  # pragma: no cover
-    from click import exceptions as click_errors
 
 from ldm_cli import __version__
-from ldm_cli.common.files import NO_SPACE
-from ldm_cli.common.progress import make_console, setup_logging
-from ldm_cli.config import DenoiserRunConfig, VAERunConfig
+from ldm_cli.cli_support import (
+    EXIT_INTERRUPTED,
+    SCHEDULE_TABLE_ROWS,
+    SEED_DEFAULT,
+    LdmGroup,
+    console,
+    err_console,
+    reports_errors,
+)
+from ldm_cli.config import SEED_MAX, DenoiserRunConfig, VAERunConfig
 from ldm_cli.diffusion import DEFAULT_STEPS
-from ldm_cli.errors import LdmError, UsageError
-
-NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())  # click >= 8.2: `ldm` alone
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
-SEED_DEFAULT = 0
-SEED_MAX = 2**32 - 1  # every seed the code derives from a seed then fits in 64 bits
-SCHEDULE_TABLE_ROWS = 20  # schedule-plot prints at most this many timesteps; the CSV has all
-INT64 = 2**63
-
-
-def print_error(message: str) -> None:
-    """One `ldm: error:` line per line of `message`, never wrapped."""
-    for line in message.splitlines() or ["error"]:
-        err_console.print(f"ldm: error: {line}", markup=False, highlight=False, soft_wrap=True)
-
-
-class LdmGroup(TyperGroup):
-    """The command group, printing the parser's usage errors in ldm's one-line format."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: ANN001
-        try:
-            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False,
-                                **extra)
-        except NO_ARGS_IS_HELP as err:
-            console.print(err.ctx.get_help() if err.ctx else str(err), markup=False, highlight=False)
-            code = 0
-        except click_errors.UsageError as err:  # a missing or unknown option, a bad value
-            where = f" (see `{err.ctx.command_path} --help`)" if err.ctx else ""
-            print_error(" ".join(err.format_message().split()) + where)
-            code = EXIT_USAGE
-        except (typer.Abort, KeyboardInterrupt):
-            err_console.print("ldm: interrupted", markup=False)
-            code = EXIT_INTERRUPTED
-        code = code if isinstance(code, int) else 0
-        if standalone_mode:
-            sys.exit(code)
-        return code
-
+from ldm_cli.errors import UsageError
 
 app = typer.Typer(
     name="ldm",
@@ -78,8 +39,6 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-console = make_console()
-err_console = make_console(stderr=True)
 
 
 def show_version(value: bool) -> None:
@@ -94,41 +53,6 @@ def main_options(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Latent diffusion toolkit: train a β-VAE and a v-prediction ConvNeXt U-Net, then sample with DDPM/DDIM."""
-
-
-def check_numbers(kwargs: dict[str, Any]) -> None:
-    """Every float option finite, every integer option within 64 bits (exit 2 otherwise)."""
-    for name, value in kwargs.items():
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            flag = "--" + name.rstrip("_").replace("_", "-")
-            if isinstance(item, float) and not math.isfinite(item):
-                raise UsageError(f"{flag} {item}: must be a finite number")
-            if isinstance(item, int) and not isinstance(item, bool) and not -INT64 <= item < INT64:
-                raise UsageError(f"{flag} {item}: out of range")
-
-
-def reports_errors(command: Callable) -> Callable:
-    """Turn an `LdmError` (or a full disk) into one `ldm: error: …` line and its exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        setup_logging()
-        try:
-            check_numbers(kwargs)
-            return command(*args, **kwargs)
-        except LdmError as err:
-            print_error(str(err) or type(err).__name__)
-            raise typer.Exit(err.exit_code) from None
-        except OSError as err:
-            if err.errno not in NO_SPACE:
-                raise
-            print_error(f"no space left on device{f' writing {err.filename!r}' if err.filename else ''}")
-            raise typer.Exit(1) from None
-        except KeyboardInterrupt:
-            err_console.print("ldm: interrupted", markup=False)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-
-    return wrapper
 
 
 # --------------------------------------------------------------------------- shared options
@@ -375,6 +299,26 @@ def evaluate_command(
                           checkpoint=checkpoint, json_path=json_path, overwrite=overwrite)
     for line in format_report(report):
         console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+@app.command("study")
+@reports_errors
+def study_command(
+    checkpoint: CheckpointOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for study.md, study.html, study.json and the plots.")] = Path("study"),
+    num_samples: Annotated[int, typer.Option("--num-samples", "-n", min=4, help="Samples per sampler setting.")] = 256,
+    seed: SeedOpt = SEED_DEFAULT,
+    image: Annotated[Optional[Path], typer.Option("--image", help="The face to reimagine.", show_default="the first held-out builtin:faces face")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A few settings of each question only (a fast look).")] = False,
+    overwrite: ReplaceOpt = False,
+) -> None:
+    """Answer the sheet's questions for one denoiser: quality against steps and samplers, DDPM vs DDIM diversity, clip limit, and what DDIM inversion buys."""
+    from ldm_cli.commands.study import run_study
+    from ldm_cli.training.start import model_file
+
+    report = run_study(model_file(checkpoint, "denoiser", "--checkpoint"), out, num_samples=num_samples, seed=seed,
+                       image=image, quick=quick, overwrite=overwrite)
+    console.print(f"wrote {report.markdown}, {report.html} and {report.json_path}")
 
 
 @app.command("cache")

@@ -94,10 +94,10 @@ class Report:
         parts.append("</body></html>")
         return "\n".join(parts)
 
-    def write(self) -> tuple[Path, Path]:
-        """Write report.md and report.html into `folder`, atomically."""
+    def write(self, stem: str = "report") -> tuple[Path, Path]:
+        """Write `stem`.md and `stem`.html into `folder`, atomically."""
         paths = []
-        for name, content in (("report.md", self.markdown()), ("report.html", self.html())):
+        for name, content in ((f"{stem}.md", self.markdown()), (f"{stem}.html", self.html())):
             path = self.folder / name
             with atomic_write(path) as tmp:
                 tmp.write_text(content, encoding="utf-8")

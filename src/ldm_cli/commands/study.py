@@ -256,15 +256,4 @@ def write_study(out_dir: Path, checkpoint: Path, numbers: dict, sets: list[SetRe
 
     r.heading("Not measured")
     r.text("The noise-schedule question needs three denoisers trained with different schedules; it is left out.")
-    return write_pages(r)
-
-
-def write_pages(report: Report) -> tuple[Path, Path]:
-    """The report's Markdown and HTML as study.md and study.html, atomically."""
-    paths = []
-    for name, content in (("study.md", report.markdown()), ("study.html", report.html())):
-        path = report.folder / name
-        with atomic_write(path) as tmp:
-            tmp.write_text(content, encoding="utf-8")
-        paths.append(path)
-    return paths[0], paths[1]
+    return r.write("study")

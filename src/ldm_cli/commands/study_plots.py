@@ -11,21 +11,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ldm_cli.commands.study_measure import ROUTES, SetResult, StrengthResult, pareto_front
-from ldm_cli.common.files import atomic_write
+from ldm_cli.common.pictures import save_figure, save_panels
 
 WITHIN = 0.05  # "as good as": an FD within 5 % of the reference setting's
 GIVEN_BACK_DB = 1.0  # inversion "gives the input back" within this much of the VAE reconstruction's PSNR
-
-
-def save_figure(fig: plt.Figure, path: Path) -> Path:
-    """A matplotlib figure as PNG, written atomically (as `common/pictures.py` writes its plots)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with atomic_write(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
 
 
 def clip_name(limit: float | None) -> str:
@@ -108,11 +97,7 @@ def plot_clip(results: Sequence[SetResult], path: Path) -> Path:
     ax_leg.plot(names, [r.scores.legibility for r in results], marker="o", color="tab:green")
     ax_fd.set_ylabel("FD (lower is better)")
     ax_leg.set_ylabel("legibility (higher is better)")
-    for ax in (ax_fd, ax_leg):
-        ax.set_xlabel("clip limit of ẑ0")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return save_figure(fig, path)
+    return save_panels(fig, (ax_fd, ax_leg), "clip limit of ẑ0", path)
 
 
 def clip_reading(results: Sequence[SetResult]) -> str:

@@ -101,7 +101,7 @@ def save_images(images: torch.Tensor, folder: str | Path, start_index: int = 0) 
     ]
 
 
-def _save_figure(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -156,7 +156,7 @@ def plot_metrics(csv_path: str | Path, png_path: str | Path, panels: Sequence[st
         ax.grid(alpha=0.3)
     axes[0][0].legend(loc="upper right", fontsize=8)
     fig.tight_layout()
-    return _save_figure(fig, png_path)
+    return save_figure(fig, png_path)
 
 
 def plot_schedules(curves: dict[str, dict[str, Sequence[float]]], png_path: str | Path) -> Path:
@@ -169,10 +169,16 @@ def plot_schedules(curves: dict[str, dict[str, Sequence[float]]], png_path: str 
         ax_abar.plot(t, c["alpha_bar"], marker=marker, label=name)
     ax_beta.set_title("β_t")
     ax_abar.set_title("ᾱ_t = ∏ (1 − β_i)")
-    for ax in (ax_beta, ax_abar):
-        ax.set_xlabel("t")
-        ax.grid(alpha=0.3)
-        ax.legend()
     ax_abar.set_ylim(-0.02, 1.02)
+    for ax in (ax_beta, ax_abar):
+        ax.legend()
+    return save_panels(fig, (ax_beta, ax_abar), "t", png_path)
+
+
+def save_panels(fig: plt.Figure, axes: Sequence[plt.Axes], xlabel: str, path: str | Path) -> Path:
+    """Label and grid every panel's x axis, lay the figure out, and save it."""
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save_figure(fig, png_path)
+    return save_figure(fig, path)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
-from ldm_cli.common.files import check_writable
+from ldm_cli.common.files import check_writable, temporary_sibling
 from ldm_cli.errors import UsageError
 
 logger = logging.getLogger("ldm")
@@ -164,15 +164,20 @@ class RunLock:
         check_writable(self.run_dir)
         self.created_dir = not self.run_dir.exists()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        for _attempt in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._handle_existing()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
-            return
+        # The lock appears whole or not at all: written aside, then hard-linked into place
+        # (link fails if the lock exists). A lock created empty and filled afterwards
+        # would, for a moment, look unreadable — stale — to a second trainer.
+        owner = temporary_sibling(self.path)
+        owner.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+        try:
+            for _attempt in range(2):
+                try:
+                    os.link(owner, self.path)
+                    return
+                except FileExistsError:
+                    self._handle_existing()
+        finally:
+            owner.unlink(missing_ok=True)
         raise UsageError(f"output '{self.run_dir}': could not take its lock {self.path}")
 
     def _handle_existing(self) -> None:

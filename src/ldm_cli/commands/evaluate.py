@@ -52,6 +52,7 @@ import torch
 
 from ldm_cli.commands.evaluate_faces import KID_SCALE, FaceEvaluationReport, evaluate_faces, format_face_report
 from ldm_cli.commands.sample_folder import sample_batches, sample_files, sample_resolution
+from ldm_cli.common.device import default_device
 from ldm_cli.common.files import atomic_write, claim_outputs
 from ldm_cli.common.progress import ProgressReporter
 from ldm_cli.config import DataConfig
@@ -84,8 +85,7 @@ def extract_features(net: FeatureNetwork, batches: Iterator[torch.Tensor], total
                 features = torch.empty(total, batch.shape[1], dtype=torch.float32)
             features[done:done + len(batch)] = batch
             done += len(batch)
-            for _ in range(len(batch)):
-                progress.advance()
+            progress.advance(by=len(batch))
     assert features is not None and done == total, "every image yields one feature vector"
     return features
 
@@ -208,10 +208,6 @@ class EvaluationReport:
     reference_cached: bool  # the reference statistics came from the cache
     seconds: float = 0.0
     json_path: Path | None = None
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_evaluate_args(batch_size: int, num_reference: int | None) -> None:

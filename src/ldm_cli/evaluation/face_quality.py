@@ -137,8 +137,7 @@ def read_batches(network: FaceNetwork, batches: Iterable[torch.Tensor], total: i
             features.append(batch_features)
             for name, p in batch_probabilities.items():
                 probabilities[name].append(p)
-            for _ in range(len(images)):
-                reporter.advance()
+            reporter.advance(by=len(images))
     if not features:
         raise ValueError(f"{what}: no images to read")
     return FaceReadout(torch.cat(features), {name: torch.cat(p) for name, p in probabilities.items()})

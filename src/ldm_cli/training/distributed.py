@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from ldm_cli.config import TrainConfig
-from ldm_cli.errors import ConfigError
+from ldm_cli.errors import ConfigError, LdmError
 from ldm_cli.training.speed import SpeedSettings, apply_speed_settings, resolve_speed
 
 logger = logging.getLogger("ldm")
@@ -132,6 +133,20 @@ def all_processes_agree(accelerator: Accelerator, value: int) -> bool:
         return True
     values = accelerator.gather(torch.tensor([value], device=accelerator.device))
     return bool((values == values[0]).all().item())
+
+
+def on_main_for_all(accelerator: Accelerator, check: Callable[[], None], elsewhere: LdmError) -> None:
+    """Run `check` on the main process and raise on every process when it raises there
+    (the main process's own error; `elsewhere` on the others), so no process is left
+    waiting at the next barrier for work the main process refused."""
+    error: LdmError | None = None
+    if accelerator.is_main_process:
+        try:
+            check()
+        except LdmError as err:
+            error = err
+    if not all_processes_agree(accelerator, 0 if error is None else 1) or error is not None:
+        raise error or elsewhere
 
 
 def weights_are_finite(accelerator: Accelerator, model: nn.Module) -> bool:

@@ -17,7 +17,7 @@ from ldm_cli.common.files import atomic_write
 from ldm_cli.config import RunConfig, to_toml
 from ldm_cli.errors import UsageError
 from ldm_cli.training import rundir
-from ldm_cli.training.distributed import all_processes_agree
+from ldm_cli.training.distributed import on_main_for_all
 from ldm_cli.training.metrics import MetricsLog
 from ldm_cli.training.resume_rules import check_resume_settings
 from ldm_cli.training.state import check_newest_identity
@@ -34,14 +34,8 @@ def run_dir_lock(accelerator: Accelerator, run_dir: Path) -> Iterator[None]:
     """Hold the run folder's lock (`rundir.RunLock`) for the whole run; the main process
     takes it for every process, and all of them refuse when it cannot."""
     lock = rundir.RunLock(run_dir)
-    error: UsageError | None = None
-    if accelerator.is_main_process:
-        try:
-            lock.acquire()
-        except UsageError as err:
-            error = err
-    if not all_processes_agree(accelerator, 0 if error is None else 1) or error is not None:
-        raise error or UsageError(f"output '{run_dir}': the main process could not take its lock")
+    on_main_for_all(accelerator, lock.acquire,
+                    UsageError(f"output '{run_dir}': the main process could not take its lock"))
     try:
         yield
     except KeyboardInterrupt:

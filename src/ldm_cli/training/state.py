@@ -27,7 +27,7 @@ from ldm_cli.errors import CheckpointError, DiskFullError, LdmError, UsageError
 from ldm_cli.models.ema import EMA
 from ldm_cli.models.state_dicts import tensor_mismatches
 from ldm_cli.training import rundir
-from ldm_cli.training.distributed import all_processes_agree
+from ldm_cli.training.distributed import all_processes_agree, on_main_for_all
 
 logger = logging.getLogger("ldm")
 
@@ -119,14 +119,8 @@ def tensor_bytes(value: object) -> int:
 def check_space_everywhere(accelerator: Accelerator, folder: Path, needed: int) -> None:
     """Refuse a checkpoint that would not fit, on every process together (the main one
     looks), so no process is left waiting for a save that failed."""
-    error: DiskFullError | None = None
-    if accelerator.is_main_process:
-        try:
-            require_free_space(folder, needed, "a checkpoint")
-        except DiskFullError as err:
-            error = err
-    if not all_processes_agree(accelerator, 0 if error is None else 1) or error is not None:
-        raise error or DiskFullError(f"a checkpoint does not fit in '{folder}' (see the main process)")
+    on_main_for_all(accelerator, lambda: require_free_space(folder, needed, "a checkpoint"),
+                    DiskFullError(f"a checkpoint does not fit in '{folder}' (see the main process)"))
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -8,11 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_cli.commands.study import OUTPUTS, make_plan, run_study
+from ldm_cli.commands.study import OUTPUTS, SCHEDULE_OUTPUTS, make_plan, run_study
 from ldm_cli.commands.study_measure import Setting, mean_pairwise_distance, pareto_front
+from ldm_cli.commands.study_schedules import SCHEDULES
 from ldm_cli.errors import UsageError
 
 NUM_SAMPLES = 16
+SCHEDULE_UPDATES = 8
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +24,7 @@ def study(trained_denoiser, tmp_path_factory):
     torch.set_num_threads(1)  # hundreds of tiny ops: threads only contend on a shared CPU
     try:
         report = run_study(trained_denoiser, out, num_samples=NUM_SAMPLES, seed=0, quick=True,
-                           device=torch.device("cpu"))
+                           device=torch.device("cpu"), schedules=True, schedule_updates=SCHEDULE_UPDATES)
     finally:
         torch.set_num_threads(threads)
     return report, json.loads((out / "study.json").read_text())
@@ -34,21 +36,20 @@ def by_label(sets: list[dict]) -> dict[str, dict]:
 
 def test_every_file_is_written_and_decodes(study):
     report, _ = study
-    for name in OUTPUTS:
+    for name in OUTPUTS + SCHEDULE_OUTPUTS:
         assert (report.out_dir / name).is_file(), name
-    for name in OUTPUTS:
         if name.endswith(".png"):
             with Image.open(report.out_dir / name) as img:
                 img.verify()
     md = report.markdown.read_text()
-    assert md.count("![") == 5 and "study-pareto.png" in md
+    assert md.count("![") == 6 and "study-pareto.png" in md and "study-schedules.png" in md
     assert "data:image/png;base64," in report.html.read_text()
     assert not list(report.out_dir.glob(".*tmp*"))
 
 
 def test_json_holds_every_section(study):
     _, numbers = study
-    for section in ("steps_and_samplers", "diversity", "clip_limit", "determinism"):
+    for section in ("steps_and_samplers", "diversity", "clip_limit", "determinism", "noise_schedules"):
         assert numbers[section]["reading"], section
     assert numbers["quick"] is True and numbers["diversity"]["grid_reading"]
     assert set(by_label(numbers["steps_and_samplers"]["sets"])) == {"DDIM-5", "DDIM-10", "DPM++-5", "DDPM"}
@@ -57,6 +58,42 @@ def test_json_holds_every_section(study):
     assert [s["strength"] for s in numbers["determinism"]["strengths"]] == [0.5, 1.0]
     for s in numbers["steps_and_samplers"]["sets"] + numbers["clip_limit"]["sets"]:
         assert s["count"] == NUM_SAMPLES and s["fd"] >= 0 and 0 <= s["legibility"] <= 1
+
+
+def test_each_schedule_is_trained_for_the_same_updates_with_a_quality_curve(study):
+    report, numbers = study
+    runs = numbers["noise_schedules"]["runs"]
+    assert [r["schedule"] for r in runs] == list(SCHEDULES)
+    for run in runs:
+        assert run["steps"] == list(range(1, SCHEDULE_UPDATES + 1))  # every updates // 8 = 1
+        assert len(run["fd"]) == SCHEDULE_UPDATES and all(fd > 0 for fd in run["fd"])
+        assert run["final"]["label"] == "DDIM-50" and run["final"]["count"] == NUM_SAMPLES
+        config = (report.out_dir / "schedules" / run["schedule"] / "config.toml").read_text()
+        assert f'schedule = "{run["schedule"]}"' in config and f"max_steps = {SCHEDULE_UPDATES}" in config
+    assert numbers["noise_schedules"]["updates"] == SCHEDULE_UPDATES
+
+
+def test_finished_schedule_runs_are_reused(study, trained_denoiser):
+    from ldm_cli.commands.study_schedules import train_schedules
+
+    report, _ = study
+    run_config = trained_denoiser.parent / "config.toml"
+    exported = [report.out_dir / "schedules" / s / "denoiser.safetensors" for s in SCHEDULES]
+    before = [p.stat().st_mtime_ns for p in exported]
+    curves = train_schedules(run_config, SCHEDULE_UPDATES, report.out_dir, overwrite=False)
+    assert [p.stat().st_mtime_ns for p in exported] == before
+    assert [c.steps[-1] for c in curves] == [SCHEDULE_UPDATES] * 3
+
+
+def test_schedules_need_the_run_folder_of_the_denoiser(trained_denoiser, tmp_path):
+    alone = tmp_path / "alone" / "denoiser.safetensors"
+    alone.parent.mkdir()
+    alone.write_bytes(trained_denoiser.read_bytes())
+    with pytest.raises(UsageError, match="config.toml"):
+        run_study(alone, tmp_path / "out", num_samples=NUM_SAMPLES, quick=True, schedules=True)
+    with pytest.raises(UsageError, match="only goes with --schedules"):
+        run_study(trained_denoiser, tmp_path / "out", num_samples=NUM_SAMPLES, quick=True, schedule_updates=5)
+    assert not (tmp_path / "out").exists()
 
 
 def test_ddim_repeats_itself_and_ddpm_does_not(study):

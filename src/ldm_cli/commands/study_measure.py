@@ -66,13 +66,13 @@ def warm_up(bundle: DenoiserBundle, device: torch.device) -> None:
     synchronize(device)
 
 
-def timed_latents(bundle: DenoiserBundle, setting: Setting, num: int, seed: int,
-                  device: torch.device) -> tuple[torch.Tensor, float]:
+def timed_latents(bundle: DenoiserBundle, setting: Setting, num: int, seed: int, device: torch.device,
+                  batch_size: int = BATCH_SIZE, precision: str = "fp32") -> tuple[torch.Tensor, float]:
     """`num` clean latents of `setting` and the wall seconds their reverse chains took."""
     batches, seconds = [], 0.0
-    chains = sample_in_batches(bundle.unet, bundle.schedule, num, bundle.latent_shape, BATCH_SIZE, seed,
+    chains = sample_in_batches(bundle.unet, bundle.schedule, num, bundle.latent_shape, batch_size, seed,
                                sampler=setting.sampler, steps=setting.steps, clip_limit=setting.clip_limit,
-                               device=device)
+                               device=device, precision=precision)
     while True:
         start = time.perf_counter()
         batch = next(chains, None)
@@ -89,9 +89,9 @@ def decoded_uint8(bundle: DenoiserBundle, latents: torch.Tensor) -> torch.Tensor
 
 
 def measure_set(bundle: DenoiserBundle, setting: Setting, num: int, seed: int, device: torch.device,
-                reference: ReferenceFaces, network: FaceNetwork) -> SetResult:
-    """Sample `num` images with `setting` (timed), then score them (not timed)."""
-    latents, seconds = timed_latents(bundle, setting, num, seed, device)
+                reference: ReferenceFaces, network: FaceNetwork, precision: str = "fp32") -> SetResult:
+    """Sample `num` images with `setting` (timed; model calls in `precision`), then score them (not timed)."""
+    latents, seconds = timed_latents(bundle, setting, num, seed, device, precision=precision)
     scores = score_faces(decoded_uint8(bundle, latents), reference, network, what=setting.label, progress=False)
     model_steps = bundle.schedule.timesteps if setting.steps is None else setting.steps
     return SetResult(setting, model_steps, seconds / num, scores)

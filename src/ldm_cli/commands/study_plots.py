@@ -11,6 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from ldm_cli.commands.study_measure import ROUTES, SetResult, StrengthResult, pareto_front
+from ldm_cli.commands.study_schedules import QualityCurve
 from ldm_cli.common.pictures import save_figure, save_panels
 
 WITHIN = 0.05  # "as good as": an FD within 5 % of the reference setting's
@@ -152,3 +153,36 @@ def grid_reading(strengths: Sequence[StrengthResult], count: int) -> str:
     closest = max(mean_psnr, key=mean_psnr.get)
     return (f"The input and its reimaginings by strength: DDPM's {count} seeds differ, DDIM's {ddim}, and "
             f"{ROUTES[closest]} stays closest to the input ({mean_psnr[closest]:.1f} dB mean PSNR over strengths).")
+
+
+# --------------------------------------------------------------------------- 5. noise schedules
+
+
+def plot_schedules(curves: Sequence[QualityCurve], path: Path) -> Path:
+    """FD and legibility against training updates, a line per schedule."""
+    fig, (ax_fd, ax_leg) = plt.subplots(1, 2, figsize=(8.4, 3.4))
+    for curve in curves:
+        ax_fd.plot(curve.steps, curve.fd, marker="o", label=curve.schedule)
+        ax_leg.plot(curve.steps, curve.legibility, marker="o", label=curve.schedule)
+    ax_fd.set_ylabel("FD (lower is better)")
+    ax_fd.set_yscale("log")
+    ax_leg.set_ylabel("legibility (higher is better)")
+    ax_fd.legend(fontsize=8)
+    return save_panels(fig, (ax_fd, ax_leg), "training updates", path)
+
+
+def first_step_below(curve: QualityCurve, fd: float) -> int | None:
+    return next((step for step, value in zip(curve.steps, curve.fd) if value <= fd), None)
+
+
+def schedules_reading(curves: Sequence[QualityCurve], finals: Sequence[SetResult]) -> str:
+    """Which schedule ends best, by how much, and how soon each reaches the worst one's final FD."""
+    ranked = sorted(zip(curves, finals), key=lambda pair: pair[1].scores.fd)
+    (best, best_final), (worst, worst_final) = ranked[0], ranked[-1]
+    order = ", ".join(f"{c.schedule} {f.scores.fd:.3g}" for c, f in ranked)
+    target = worst.fd[-1]
+    soonest = ", ".join(f"{c.schedule} after {first_step_below(c, target)}" for c in curves
+                        if first_step_below(c, target) is not None)
+    return (f"After {best.steps[-1]} updates, {best.schedule} gives the lowest {best_final.setting.label} FD "
+            f"(FD: {order}; legibility {best_final.scores.legibility:.2f} vs {worst_final.scores.legibility:.2f} for "
+            f"{worst.schedule}). The worst schedule's final curve FD, {target:.3g}, is reached by {soonest} updates.")

@@ -99,7 +99,7 @@ class TrainConfig(Section):
     )
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA of the weights; 0 disables it")
     seed: int = Field(0, ge=0, le=SEED_MAX)
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels-last memory format (auto: on CUDA)")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels-last memory format (auto: on)")
     tf32: Literal["auto", "on", "off"] = Field("auto", description="TF32 matmuls and convolutions (auto: on CUDA)")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model (auto: on CUDA)")
 
@@ -202,6 +202,10 @@ class DiffusionConfig(Section):
     beta_start: float = Field(1e-4, gt=0.0, lt=1.0)
     beta_end: float = Field(0.02, gt=0.0, lt=1.0)
     min_snr_gamma: float | None = Field(None, gt=0.0, description="min-SNR-γ loss weighting; \"none\" to disable")
+    timestep_sampling: Literal["uniform", "logit-normal"] = Field(
+        "uniform", description="how training draws t: uniform, or logit-normal around T/2 (Esser et al. 2024)")
+    input_scale: float = Field(1.0, gt=0.0, le=10.0, description="b of Chen 2023: latents normalised to std b, "
+                               "so b < 1 noises more at every t")
 
     @model_validator(mode="after")
     def _linear_betas_increase(self) -> "DiffusionConfig":

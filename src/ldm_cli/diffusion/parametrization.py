@@ -7,9 +7,9 @@ The denoiser predicts ``v_t = α_t·ε − σ_t·z0`` (Salimans & Ho 2022, §4),
 
     ẑ0 = α_t·z_t − σ_t·v̂        ε̂ = σ_t·z_t + α_t·v̂
 
-Training minimises ``w(t)·‖v̂(z_t, t) − v_t‖²`` with ``t ~ U{0, …, T−1}``, where
-``w(t) = 1`` (the plain v-MSE) or the min-SNR-γ weight ``min(SNR_t, γ)/(SNR_t + 1)``
-(Hang et al. 2023, written for v-targets).
+Training minimises ``w(t)·‖v̂(z_t, t) − v_t‖²`` with ``t ~ U{0, …, T−1}`` (or
+logit-normal, `draw_timesteps`), where ``w(t) = 1`` (the plain v-MSE) or the min-SNR-γ
+weight ``min(SNR_t, γ)/(SNR_t + 1)`` (Hang et al. 2023, written for v-targets).
 
 Every function takes the timestep either as a Python int (the samplers: one timestep
 for the whole batch, scalar coefficients) or as a LongTensor (B,) (training: one
@@ -64,6 +64,21 @@ def min_snr_weight(snr: torch.Tensor, gamma: float | None) -> torch.Tensor:
     if gamma is None:
         return torch.ones_like(snr)
     return snr.clamp(max=gamma) / (snr + 1.0)
+
+
+def draw_timesteps(count: int, timesteps: int, how: str, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Training timesteps, a LongTensor (count,) in {0, …, T−1} (docs/MATH.md, §3):
+
+        uniform        t ~ U{0, …, T−1}
+        logit-normal   t = ⌊T·s(u)⌋ with u ~ N(0, 1) and s the logistic sigmoid (Esser et al.
+                       2024, §3.1): more updates in the middle of the chain, fewer at its ends.
+    """
+    if how == "uniform":
+        return torch.randint(0, timesteps, (count,), device=device)
+    if how == "logit-normal":
+        u = torch.randn(count, device=device)
+        return (timesteps * torch.sigmoid(u)).long().clamp(0, timesteps - 1)
+    raise ValueError(f"unknown timestep sampling {how!r}")
 
 
 def weighted_mse(v_hat: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

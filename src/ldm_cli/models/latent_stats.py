@@ -35,6 +35,11 @@ class LatentStats:
     def denormalize(self, z_n: torch.Tensor) -> torch.Tensor:
         return z_n * self._shaped(self.std, z_n) + self._shaped(self.mean, z_n)
 
+    def scaled(self, b: float) -> "LatentStats":
+        """Statistics that normalise to std b instead of 1: z_n = b·(z − mean)/std, the input
+        scaling of Chen 2023 ("On the Importance of Noise Scheduling for Diffusion Models")."""
+        return self if b == 1.0 else LatentStats(mean=self.mean, std=self.std / b)
+
     def tensors(self, prefix: str = "latent_stats") -> dict[str, torch.Tensor]:
         return {f"{prefix}.mean": self.mean.float(), f"{prefix}.std": self.std.float()}
 

@@ -20,7 +20,7 @@ from ldm_cli.common.pictures import save_grid
 from ldm_cli.config import DenoiserRunConfig
 from ldm_cli.data.pixels import random_flip, to_float
 from ldm_cli.data.prepare import load_images
-from ldm_cli.diffusion.parametrization import VPredictionLoss
+from ldm_cli.diffusion.parametrization import VPredictionLoss, draw_timesteps
 from ldm_cli.diffusion.sampling import sample
 from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.errors import UsageError
@@ -77,6 +77,7 @@ def build_denoiser_task(config: DenoiserRunConfig, vae: VAEBundle, accelerator: 
     else:
         mean, std = encode_posteriors(vae.network, images.train, config.latents.encode_batch_size, accelerator.device)
         stats = stats_of_posterior_samples(mean, std, generator)
+    stats = stats.scaled(config.diffusion.input_scale)  # latents of std b (Chen 2023; docs/MATH.md, §6)
     latents = vae.with_stats(stats)  # encodes to, and decodes from, the denoiser's latent space
 
     schedule = NoiseSchedule.from_config(config.diffusion)
@@ -94,7 +95,7 @@ def build_denoiser_task(config: DenoiserRunConfig, vae: VAEBundle, accelerator: 
 
     def loss(model: nn.Module, batch: torch.Tensor, step: int) -> tuple[torch.Tensor, dict[str, float]]:
         z0 = clean_latents(batch)
-        t = torch.randint(0, schedule.timesteps, (len(z0),), device=z0.device)
+        t = draw_timesteps(len(z0), schedule.timesteps, config.diffusion.timestep_sampling, z0.device)
         return v_loss(model, z0, t, torch.randn_like(z0)), {}
 
     def preview(model: nn.Module, step: int, run_dir: Path) -> Path:

@@ -8,8 +8,10 @@ through the `ldm` command (in-process), so it does not depend on module paths:
     ldm train-denoiser  quickstart config, 30 updates on that VAE
     ldm sample          DDIM-10 and DDPM (all 1000 steps), 4 images each, seed 7
 
-Floating-point results depend on the PyTorch build, the CPU's vector instructions and
-the thread count, so the record carries them and the test only compares like with like.
+Floating-point results depend on the PyTorch build, the CPU's vector instructions (and
+whether it runs bfloat16 natively, which `--precision auto` and `mixed_precision = "auto"`
+follow) and the thread count, so the record carries them and the test only compares like
+with like.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from ldm_cli.common.device import has_native_bf16
+
 GOLDEN = Path(__file__).parent / "golden" / "tiny-run.json"
 THREADS = 2
 COMMON = ["--set", "data.builtin_size=512", "--max-steps", "30", "--set", "logging.checkpoint_every=15",
@@ -33,7 +37,7 @@ COMMON = ["--set", "data.builtin_size=512", "--max-steps", "30", "--set", "loggi
 def platform() -> dict[str, str | int]:
     """What bitwise floating-point results depend on, besides the code."""
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": THREADS}
+            "native_bf16": has_native_bf16("cpu"), "threads": THREADS}
 
 
 def tensors_digest(path: Path) -> str:

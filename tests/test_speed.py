@@ -9,8 +9,8 @@ from ldm_cli.config import TrainConfig
 from ldm_cli.training.speed import SpeedSettings, resolve_speed
 
 
-def test_auto_speed_settings_are_all_off_on_cpu():
-    assert resolve_speed(TrainConfig(), on_cuda=False) == SpeedSettings(False, False, False, False)
+def test_auto_speed_settings_on_cpu_are_channels_last_only():
+    assert resolve_speed(TrainConfig(), on_cuda=False) == SpeedSettings(False, True, False, False)
 
 
 def test_auto_speed_settings_are_on_on_cuda_with_bf16_only_if_supported(monkeypatch):

@@ -210,6 +210,7 @@ def sample_command(
     spacing: Annotated[str, typer.Option("--spacing", help="Timestep spacing for fewer steps: trailing, leading, linspace.")] = "trailing",
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images sampled at once (memory does not grow with --num-samples).")] = 25,
     trajectory: Annotated[bool, typer.Option("--trajectory", help="Also draw the reverse process: z_t and ẑ0 at evenly spaced steps (trajectory.png, and trajectory.gif as an animation).")] = False,
+    precision: Annotated[str, typer.Option("--precision", help="Model calls in fp32 or bf16; auto: bf16 where the device runs it natively (CUDA GPUs with bf16, CPUs with AVX512-BF16/AMX).")] = "auto",
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for grid.png, images/, trajectory.png and trajectory.gif.")] = Path("samples"),
     overwrite: ReplaceOpt = False,
 ) -> None:
@@ -222,7 +223,7 @@ def sample_command(
     chosen = "ddim" if ddim else (sampler or "ddpm")
     report = run_sample(model_file(checkpoint, "denoiser", "--checkpoint"), out, num_samples=num_samples, seed=seed,
                         sampler=chosen, steps=steps, eta=eta, clip_limit=clip_limit, batch_size=batch_size,
-                        trajectory=trajectory, spacing=spacing, overwrite=overwrite)
+                        trajectory=trajectory, spacing=spacing, overwrite=overwrite, precision=precision)
     console.print(f"{len(report.images)} images with {chosen} ({report.timesteps_used} steps) in {report.seconds:.1f} s")
     console.print(f"wrote {report.grid} and {report.out_dir / 'images'}/")
     for picture in (report.trajectory, report.trajectory_gif):
@@ -310,14 +311,17 @@ def study_command(
     seed: SeedOpt = SEED_DEFAULT,
     image: Annotated[Optional[Path], typer.Option("--image", help="The face to reimagine.", show_default="the first held-out builtin:faces face")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="A few settings of each question only (a fast look).")] = False,
+    schedules: Annotated[bool, typer.Option("--schedules", help="Also retrain the denoiser's run with the linear, cosine and sigmoid schedules and compare FD against updates (three trainings).")] = False,
+    schedule_updates: Annotated[Optional[int], typer.Option("--schedule-updates", help="Updates of each --schedules run.", show_default="the run's own train.max_steps")] = None,
     overwrite: ReplaceOpt = False,
 ) -> None:
-    """Answer the sheet's questions for one denoiser: quality against steps and samplers, DDPM vs DDIM diversity, clip limit, and what DDIM inversion buys."""
+    """Answer the sheet's questions for one denoiser: quality against steps and samplers, DDPM vs DDIM diversity, clip limit, what DDIM inversion buys, and (--schedules) the noise schedule."""
     from ldm_cli.commands.study import run_study
     from ldm_cli.training.start import model_file
 
     report = run_study(model_file(checkpoint, "denoiser", "--checkpoint"), out, num_samples=num_samples, seed=seed,
-                       image=image, quick=quick, overwrite=overwrite)
+                       image=image, quick=quick, overwrite=overwrite, schedules=schedules,
+                       schedule_updates=schedule_updates)
     console.print(f"wrote {report.markdown}, {report.html} and {report.json_path}")
 
 

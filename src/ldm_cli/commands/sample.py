@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ldm_cli.commands.trajectory import TrajectoryRecorder, frame_indices, save_trajectory_gif, save_trajectory_grid
-from ldm_cli.common.device import default_device
+from ldm_cli.common.device import default_device, resolve_precision
 from ldm_cli.common.files import atomic_write, claim_outputs
 from ldm_cli.common.pictures import save_grid, save_images
 from ldm_cli.common.progress import ProgressReporter
@@ -57,9 +57,12 @@ def counting_steps(progress: ProgressReporter, then: Callback | None = None) -> 
     return callback
 
 
-def write_sample_record(path: Path, checkpoint: Path, sampler: str, steps: int, seed: int) -> Path:
-    """`sample.json`: the checkpoint (absolute), the sampler, its steps and the seed, written atomically."""
-    record = {"checkpoint": str(Path(checkpoint).resolve()), "sampler": sampler, "steps": steps, "seed": seed}
+def write_sample_record(path: Path, checkpoint: Path, sampler: str, steps: int, seed: int,
+                        precision: str = "fp32") -> Path:
+    """`sample.json`: the checkpoint (absolute), the sampler, its steps, the seed and the model
+    calls' precision, written atomically."""
+    record = {"checkpoint": str(Path(checkpoint).resolve()), "sampler": sampler, "steps": steps, "seed": seed,
+              "precision": precision}
     with atomic_write(path) as tmp:
         tmp.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     return path
@@ -69,14 +72,17 @@ def run_sample(
     checkpoint: Path, out_dir: Path, *, num_samples: int = 25, seed: int = 42, sampler: str = "ddpm",
     steps: int | None = None, eta: float = 0.0, clip_limit: float | None = None, batch_size: int = 25,
     trajectory: bool = False, spacing: str = "trailing", device: torch.device | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, precision: str = "auto",
 ) -> SampleReport:
     """Sample `num_samples` images in batches; write a grid, one PNG each, and a trajectory (PNG and GIF).
 
-    Progress counts model evaluations: batches × sampler steps."""
+    Progress counts model evaluations: batches × sampler steps. `precision` is that of the
+    model calls (`common.device.resolve_precision`: auto is bf16 where the device runs it natively)."""
     if num_samples < 1:
         raise UsageError(f"--num-samples {num_samples}: must be at least 1")
     check_batch_size(batch_size)
+    device = device or default_device()
+    precision = resolve_precision(precision, device)
     trajectory_files = [out_dir / "trajectory.png", out_dir / "trajectory.gif"] if trajectory else []
     claim_outputs([out_dir / "grid.png", out_dir / "images", out_dir / SAMPLE_RECORD, *trajectory_files], overwrite)
     for stale in sorted((out_dir / "images").glob("[0-9]*.png")):  # only reached with --overwrite
@@ -85,7 +91,6 @@ def run_sample(
     T = bundle.schedule.timesteps
     check_sampler_args(sampler, steps, eta, clip_limit, spacing, T)
     num_steps = len(plan_timesteps(bundle.schedule, sampler, steps, spacing, T - 1))
-    device = device or default_device()
     bundle.to(device)
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -100,7 +105,7 @@ def run_sample(
     with ProgressReporter(what, num_batches * num_steps, unit="steps") as progress:
         batches = sample_in_batches(
             model, bundle.schedule, num_samples, bundle.latent_shape, batch_size, seed, sampler=sampler, steps=steps,
-            eta=eta, clip_limit=clip_limit, spacing=spacing, device=device,
+            eta=eta, clip_limit=clip_limit, spacing=spacing, device=device, precision=precision,
             callback=counting_steps(progress, recorder.callback if trajectory else None),
         )
         for z in batches:
@@ -113,7 +118,7 @@ def run_sample(
     grid_images = torch.cat(shown)
     label = f"{sampler.upper()}-{num_steps}" + (f", clip {clip_limit}" if clip_limit else "") + f", seed {seed}"
     grid = save_grid(grid_images, out_dir / "grid.png", ncols=math.ceil(math.sqrt(len(grid_images))), title=label)
-    write_sample_record(out_dir / SAMPLE_RECORD, checkpoint, sampler, num_steps, seed)
+    write_sample_record(out_dir / SAMPLE_RECORD, checkpoint, sampler, num_steps, seed, precision)
     if not trajectory:
         return SampleReport(out_dir, grid, written, None, num_steps, seconds)
     decoded = recorder.decode(bundle.vae)

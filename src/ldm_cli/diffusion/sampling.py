@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from ldm_cli.common.device import model_autocast
 from ldm_cli.diffusion import DEFAULT_STEPS
 from ldm_cli.diffusion.parametrization import alpha_sigma
 from ldm_cli.diffusion.samplers import SAMPLERS, check_batch_size, check_sampler_args, sampling_timesteps
@@ -160,6 +161,7 @@ def sample(
     callback: Callback | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Run the reverse chain and return the clean latents, shape ``shape``.
 
@@ -169,7 +171,9 @@ def sample(
     DDIM's η. ``generator`` is one ``torch.Generator`` for the whole batch or one per
     sample (then every sample's draws depend on its own generator only, see
     `sample_in_batches`). ``callback(i, t, z, ẑ0)`` runs after step i, which evaluated
-    the model at timestep t and produced z. The model runs once per step.
+    the model at timestep t and produced z. The model runs once per step; with
+    ``precision="bf16"`` it runs under bfloat16 autocast (`common.device.model_autocast`)
+    while the sampler's own arithmetic stays in ``dtype``.
     """
     t_start = schedule.timesteps - 1 if t_start is None else t_start
     check_sampler_args(sampler, steps, eta, clip_limit, spacing, schedule.timesteps, t_start)
@@ -185,7 +189,9 @@ def sample(
     previous: tuple[int, torch.Tensor] | None = None  # (t, ẑ0) of the step before, for multistep samplers
     with torch.inference_mode():
         for i, (t, t_next) in enumerate(zip(timesteps, timesteps[1:] + [-1])):
-            v_hat = model(z, torch.full((shape[0],), t, dtype=torch.long, device=device)).to(dtype)
+            with model_autocast(device, precision):
+                v_hat = model(z, torch.full((shape[0],), t, dtype=torch.long, device=device))
+            v_hat = v_hat.to(dtype)
             step_noise = noise.draw() if spec.is_stochastic(eta) and t_next >= 0 else None
             options = spec.options(eta, step_noise, previous)
             z, z0_hat = spec.step(schedule, z, t, t_next, v_hat, clip_limit=clip_limit, **options)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from ldm_cli.common.device import resolve_precision
 from ldm_cli.config import DenoiserRunConfig
 from ldm_cli.data.sources import resolve_source
 from ldm_cli.diffusion.sampling import sample
@@ -48,13 +49,14 @@ def quality_measure(
         network = load_face_network(device=device)
         reference, _path, _cached = load_or_build_reference(config.data, network)
     steps = min(quality.steps, schedule.timesteps)
+    precision = resolve_precision("auto", device)  # as `ldm sample` runs the model
 
     def measure(model: nn.Module, step: int) -> dict[str, float]:
         started = time.perf_counter()
         was_training = model.training
         model.eval()
         z = sample(model, schedule, (quality.samples, *latents.latent_shape), sampler="ddim", steps=steps,
-                   generator=torch.Generator().manual_seed(QUALITY_SEED), device=device)
+                   generator=torch.Generator().manual_seed(QUALITY_SEED), device=device, precision=precision)
         model.train(was_training)
         scores = score_faces(latents.decode(z).cpu(), reference, network, what="quality samples", progress=False)
         return {"fd": scores.fd, "legibility": scores.legibility, "quality_seconds": time.perf_counter() - started}

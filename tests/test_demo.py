@@ -9,7 +9,8 @@ from PIL import Image
 from conftest import tiny_denoiser_overrides, tiny_vae_overrides
 from ldm_cli.commands.demo import demo_vae_config, run_demo
 
-STAGES = ["train-vae", "reconstruct", "schedule-plot", "train-denoiser", "sample-ddpm", "sample-ddim", "reimagine"]
+STAGES = ["train-vae", "reconstruct", "schedule-plot", "train-denoiser", "sample-ddpm", "sample-ddim", "evaluate",
+          "reimagine"]
 
 
 def drop_paths(overrides: list[str]) -> list[str]:
@@ -40,6 +41,10 @@ def test_demo_runs_every_stage_and_reuses_them(tmp_path):
     assert page.count(";base64,") == len(images)
     assert page.count("data:image/gif;base64,") == 2, "the two trajectory animations"
     assert "mean PSNR" in markdown and "ᾱ" in markdown and "DDIM" in markdown
+    scores = result.records["evaluate"]["scores"]
+    assert set(scores) == {"samples", "floor", "vae_reconstruction", "prior"}
+    assert scores["samples"]["count"] == 500 and f"| {scores['samples']['fd']:.2f} |" in markdown
+    assert "closes" in markdown and (tmp_path / "evaluate" / "evaluate.json").is_file()
 
     again = run_demo(tmp_path, minutes=0.1, vae_overrides=vae, denoiser_overrides=den)
     assert all(r["reused"] for r in again.records.values())

@@ -3,7 +3,8 @@
 Stages, each through the same function its own command uses:
 
     train-vae → reconstruct → schedule-plot → train-denoiser → sample (DDPM) → sample (DDIM)
-    → reimagine → report.md / report.html
+    → evaluate (FD, legibility of DDIM-50 samples beside the three references) → reimagine
+    → report.md / report.html
 
 `--minutes` scales the training budgets of the packaged quickstart configs (the default,
 10, is sized for a 2-core laptop CPU). A stage whose outputs are already in the folder
@@ -23,6 +24,7 @@ from typing import Any
 
 from PIL import Image
 
+from ldm_cli.commands.evaluate import run_evaluate
 from ldm_cli.commands.reconstruct import run_reconstruct
 from ldm_cli.commands.reimagine import run_reimagine
 from ldm_cli.commands.report import Report
@@ -30,7 +32,7 @@ from ldm_cli.commands.sample import run_sample
 from ldm_cli.commands.schedule_plot import run_schedule_plot
 from ldm_cli.common.files import atomic_write
 from ldm_cli.common.progress import logger
-from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
+from ldm_cli.config import DenoiserRunConfig, RunConfigT, VAERunConfig, load_config, packaged_config
 from ldm_cli.data.prepare import load_images
 from ldm_cli.errors import UsageError
 from ldm_cli.training.denoiser_task import train_denoiser
@@ -40,14 +42,12 @@ from ldm_cli.training.vae_task import train_vae
 DEFAULT_MINUTES = 10.0
 STRENGTHS = [0.25, 0.5, 0.75, 1.0]
 NUM_SAMPLES = 16
+EVAL_SAMPLES = 500  # DDIM-50 samples scored by the evaluate stage, as benchmarks/quality_budget.py scores them
+EVAL_BATCH = 250
 SCHEDULE_T = 10
 
 
 # --------------------------------------------------------------------------- budgets
-
-
-def _scaled_steps(steps: int, minutes: float) -> int:
-    return max(50, round(steps * minutes / DEFAULT_MINUTES))
 
 
 def _budget_updates(max_steps: int, warmup: int, run_dir: Path) -> dict[str, Any]:
@@ -61,24 +61,29 @@ def _budget_updates(max_steps: int, warmup: int, run_dir: Path) -> dict[str, Any
     }
 
 
+def budget_config(schema: type[RunConfigT], path: Path, overrides: list[str], factor: float, run_dir: Path,
+                  extra: dict[str, Any] | None = None) -> RunConfigT:
+    """`path` plus overrides with its updates scaled by `factor` (at least 50), its warm-up
+    capped at a tenth of them and, for a VAE, its β decay scaled alike; written to `run_dir`."""
+    base = load_config(schema, path, overrides)
+    steps = max(50, round(base.train.max_steps * factor))
+    updates = _budget_updates(steps, base.optim.warmup_steps, run_dir)
+    if isinstance(base, VAERunConfig):
+        updates["loss.beta_decay_steps"] = round(base.loss.beta_decay_steps * steps / base.train.max_steps)
+    return load_config(schema, path, overrides, {**updates, **(extra or {})})
+
+
 def demo_vae_config(folder: Path, minutes: float, overrides: list[str] = ()) -> VAERunConfig:
     """The quickstart VAE config (plus `--set`-style overrides) with its budget scaled."""
-    path = packaged_config("quickstart/vae.toml")
-    base = load_config(VAERunConfig, path, overrides)
-    steps = _scaled_steps(base.train.max_steps, minutes)
-    updates = _budget_updates(steps, base.optim.warmup_steps, folder / "vae")
-    updates["loss.beta_decay_steps"] = round(base.loss.beta_decay_steps * steps / base.train.max_steps)
-    return load_config(VAERunConfig, path, overrides, updates)
+    return budget_config(VAERunConfig, packaged_config("quickstart/vae.toml"), list(overrides),
+                         minutes / DEFAULT_MINUTES, folder / "vae")
 
 
 def demo_denoiser_config(folder: Path, minutes: float, overrides: list[str] = ()) -> DenoiserRunConfig:
     """The quickstart denoiser config (plus overrides) with its budget scaled, on the demo's VAE."""
-    path = packaged_config("quickstart/denoiser.toml")
-    base = load_config(DenoiserRunConfig, path, overrides)
-    steps = _scaled_steps(base.train.max_steps, minutes)
-    updates = _budget_updates(steps, base.optim.warmup_steps, folder / "denoiser")
-    updates["latents.vae"] = str(folder / "vae" / "vae.safetensors")
-    return load_config(DenoiserRunConfig, path, overrides, updates)
+    return budget_config(DenoiserRunConfig, packaged_config("quickstart/denoiser.toml"), list(overrides),
+                         minutes / DEFAULT_MINUTES, folder / "denoiser",
+                         {"latents.vae": str(folder / "vae" / "vae.safetensors")})
 
 
 # --------------------------------------------------------------------------- stages
@@ -163,6 +168,14 @@ def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str
             return {"steps": report.timesteps_used, "sampling_seconds": report.seconds}
         return run
 
+    def evaluate() -> dict[str, Any]:
+        samples = folder / "evaluate" / "samples"
+        run_sample(den_file, samples, num_samples=EVAL_SAMPLES, seed=seed, sampler="ddim", steps=50,
+                   batch_size=EVAL_BATCH, overwrite=True)
+        report = run_evaluate(samples / "images", "builtin:faces", checkpoint=den_file, batch_size=EVAL_BATCH,
+                              json_path=folder / "evaluate" / "evaluate.json", overwrite=True)
+        return {"scores": {name: s.to_dict() if s is not None else None for name, s in report.scores.items()}}
+
     def reimagine() -> dict[str, Any]:
         report = run_reimagine(den_file, face, folder / "reimagine", strengths=STRENGTHS, steps=50, seed=seed,
                                num_seeds=2, overwrite=True)
@@ -176,6 +189,7 @@ def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str
         DemoStage("train-denoiser", [den_file], train_stage(train_denoiser, den_cfg)),
         DemoStage("sample-ddpm", sample_outputs(folder, "ddpm"), sample("ddpm", None)),
         DemoStage("sample-ddim", sample_outputs(folder, "ddim"), sample("ddim", 50)),
+        DemoStage("evaluate", [folder / "evaluate" / "evaluate.json"], evaluate),
         DemoStage("reimagine", [folder / "reimagine" / "reimagine.png"], reimagine),
     ]
 
@@ -261,7 +275,12 @@ def build_report(folder: Path, records: dict[str, dict[str, Any]], minutes: floa
                 f"The {name} reverse process as an animation: z_t (top) and the predicted clean image (bottom) "
                 "of each traced sample, step by step.")
 
-    r.heading("5. Reimagine")
+    r.heading("5. Sample quality")
+    scores = records["evaluate"]["scores"]
+    r.table(*quality_table(scores))
+    r.text(quality_reading(scores))
+
+    r.heading("6. Reimagine")
     r.image(folder / "reimagine" / "reimagine.png",
             "A held-out face noised to t = strength·T and brought back by DDPM (all remaining steps) and DDIM "
             "(50·strength steps) for two seeds from the same noised latent: DDPM varies with the seed, DDIM "
@@ -269,6 +288,32 @@ def build_report(folder: Path, records: dict[str, dict[str, Any]], minutes: floa
     r.image(folder / "reimagine" / "reimagine-trajectory.png",
             "Predicted clean images along the DDPM and DDIM reverse processes at the middle strength.")
     return r
+
+
+QUALITY_SETS = {"samples": f"DDIM-50 samples ({EVAL_SAMPLES})", "floor": "held-out real faces (floor)",
+                "vae_reconstruction": "their VAE reconstructions", "prior": "decoded z ~ N(0, I) (prior)"}
+
+
+def quality_table(scores: dict[str, dict[str, Any] | None]) -> tuple[list[str], list[list[str]]]:
+    """FD, legibility, precision and recall of the samples and the three references."""
+    def cell(value: float | None, digits: str) -> str:
+        return "n/a" if value is None else format(value, digits)
+
+    rows = [[label, cell(s["fd"], ".2f"), cell(s["legibility"], ".3f"), cell(s["precision"], ".3f"),
+             cell(s["recall"], ".3f")] for name, label in QUALITY_SETS.items() if (s := scores.get(name))]
+    return ["set", "FD", "legibility", "precision", "recall"], rows
+
+
+def quality_reading(scores: dict[str, dict[str, Any] | None]) -> str:
+    """Where the samples' FD lies between the decoded prior and the floor."""
+    fd = {name: s["fd"] for name, s in scores.items() if s is not None}
+    gap = fd["prior"] - fd["floor"]
+    closed = (fd["prior"] - fd["samples"]) / gap if gap > 0 else float("nan")
+    return (f"FD in the face-attribute network's features, against builtin:faces' training faces (lower is better; "
+            f"legibility: the share of images on which every attribute is read with p ≥ 0.9). The samples' FD, "
+            f"{fd['samples']:.2f}, closes {closed:.0%} of the gap from the decoded prior ({fd['prior']:.2f}) to real "
+            f"faces ({fd['floor']:.2f}); the VAE's reconstructions ({fd['vae_reconstruction']:.2f}) bound what a "
+            "latent model with this VAE can reach.")
 
 
 @dataclass

@@ -1,0 +1,228 @@
+"""What makes the quickstart models fast on a CPU: ratios measured in one run.
+
+    python benchmarks/cpu_speed.py                      # about 3 minutes on a 2-core CPU
+    python benchmarks/cpu_speed.py --den-set model.base_channels=48
+
+1. Training: milliseconds per update (forward, backward, AdamW) of the quickstart VAE
+   and denoiser on random batches of their config's size, with torch threads 1 and 2,
+   channels-last memory, torch.compile and bfloat16 autocast.
+2. Sampling: DDIM-50 seconds per image for 500 images (`sample_in_batches`, as `ldm
+   sample` runs it) at several batch sizes, threads 1 and 2, channels-last, compile and
+   bfloat16 autocast; the model call under torch.inference_mode against torch.no_grad.
+3. The sampler overhead ratio: the sampling time over 50 × (batches) × the time of one
+   model call at that batch: 1.00 means the loop costs nothing beyond the model.
+4. FLOPs of one forward pass per image (torch's FlopCounterMode) and the rate reached,
+   against the rate of a large float32 matrix product on this CPU: how far a faster
+   implementation of the same model could go.
+
+Each time is the median of several repeats after a warm-up. No assertions: it prints
+what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
+from ldm_cli.diffusion.sampling import sample_in_batches
+from ldm_cli.diffusion.schedules import NoiseSchedule
+from ldm_cli.models.unet import UNet
+from ldm_cli.models.vae import VAE
+
+NUM_IMAGES = 500
+STEPS = 50
+
+
+def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prepared(model: torch.nn.Module, channels_last: bool, compiled: bool) -> torch.nn.Module:
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return torch.compile(model) if compiled else model
+
+
+# --------------------------------------------------------------------------- 1. training
+
+
+def autocast(bf16: bool):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
+
+
+def vae_update(cfg: VAERunConfig, channels_last: bool, compiled: bool, bf16: bool = False) -> Callable[[], None]:
+    torch.manual_seed(0)
+    vae = VAE(cfg.model)
+    model = prepared(vae, channels_last, compiled)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4)
+    res = cfg.data.resolution
+    x = torch.randn(cfg.train.batch_size, 3, res, res)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+
+    def step() -> None:
+        with autocast(bf16):
+            reconstruction, posterior = model(x)
+            loss = (reconstruction.float() - x).abs().mean() + 1e-4 * posterior.kl().float().mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def unet_update(cfg: DenoiserRunConfig, channels_last: bool, compiled: bool, bf16: bool = False) -> Callable[[], None]:
+    torch.manual_seed(0)
+    unet = UNet(cfg.model)
+    model = prepared(unet, channels_last, compiled)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    m = cfg.model
+    z = torch.randn(cfg.train.batch_size, m.latent_channels, m.latent_size, m.latent_size)
+    z = z.to(memory_format=torch.channels_last) if channels_last else z
+    t = torch.randint(0, cfg.diffusion.timesteps, (cfg.train.batch_size,))
+
+    def step() -> None:
+        with autocast(bf16):
+            loss = (model(z, t).float() - z).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def training_table(vae_cfg: VAERunConfig, den_cfg: DenoiserRunConfig, threads: list[int], repeats: int) -> None:
+    print("\n1. training, ms per update (median)")
+    print(f"{'setting':<34}{'VAE':>10}{'denoiser':>10}")
+    base = None
+    for n in threads:
+        for channels_last, compiled, bf16 in ((False, False, False), (True, False, False), (False, True, False),
+                                              (False, False, True)):
+            torch.set_num_threads(n)
+            name = (f"threads {n}" + (", channels-last" if channels_last else "") + (", compile" if compiled else "")
+                    + (", bf16 autocast" if bf16 else ""))
+            vae_ms = 1000 * median_time(vae_update(vae_cfg, channels_last, compiled, bf16), repeats, warmup=3)
+            den_ms = 1000 * median_time(unet_update(den_cfg, channels_last, compiled, bf16), repeats, warmup=3)
+            base = base or (vae_ms, den_ms)
+            print(f"{name:<34}{vae_ms:>10.1f}{den_ms:>10.1f}   ratio to first row {vae_ms / base[0]:.2f} / "
+                  f"{den_ms / base[1]:.2f}", flush=True)
+
+
+# --------------------------------------------------------------------------- 2 and 3. sampling
+
+
+def sampling_seconds(model: torch.nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], batch: int,
+                     bf16: bool = False) -> float:
+    start = time.perf_counter()
+    with autocast(bf16):
+        for _ in sample_in_batches(model, schedule, NUM_IMAGES, shape, batch, 0, sampler="ddim", steps=STEPS):
+            pass
+    return time.perf_counter() - start
+
+
+def call_seconds(model: torch.nn.Module, shape: tuple[int, ...], batch: int, repeats: int,
+                 mode: Callable[[], object] = torch.inference_mode) -> float:
+    z = torch.randn(batch, *shape)
+    t = torch.full((batch,), 500, dtype=torch.long)
+
+    def call() -> None:
+        with mode():
+            model(z, t)
+    return median_time(call, repeats)
+
+
+def sampling_table(den_cfg: DenoiserRunConfig, threads: list[int], batches: list[int], repeats: int) -> None:
+    torch.manual_seed(0)
+    unet = UNet(den_cfg.model).eval()
+    m = den_cfg.model
+    shape = (m.latent_channels, m.latent_size, m.latent_size)
+    schedule = NoiseSchedule.from_config(den_cfg.diffusion)
+    print(f"\n2-3. DDIM-{STEPS} sampling of {NUM_IMAGES} images")
+    print(f"{'setting':<40}{'s / image':>11}{'overhead':>10}")
+    for n in threads:
+        torch.set_num_threads(n)
+        for batch in batches:
+            seconds = sampling_seconds(unet, schedule, shape, batch)
+            calls = -(-NUM_IMAGES // batch) * STEPS
+            model_only = calls * call_seconds(unet, shape, batch, repeats)
+            print(f"{f'threads {n}, batch {batch}':<40}{seconds / NUM_IMAGES:>11.4f}{seconds / model_only:>10.3f}",
+                  flush=True)
+    torch.set_num_threads(max(threads))
+    batch = max(batches)
+    for name, model, bf16 in (("channels-last", prepared(UNet(m).eval(), True, False), False),
+                              ("compile", prepared(UNet(m).eval(), False, True), False),
+                              ("bf16 autocast", unet, True)):
+        with torch.inference_mode(), autocast(bf16):  # compiles before the clock starts
+            model(torch.randn(batch, *shape), torch.full((batch,), 500, dtype=torch.long))
+        seconds = sampling_seconds(model, schedule, shape, batch, bf16)
+        print(f"{f'threads {max(threads)}, batch {batch}, {name}':<40}{seconds / NUM_IMAGES:>11.4f}", flush=True)
+    inference = call_seconds(unet, shape, batch, repeats, torch.inference_mode)
+    no_grad = call_seconds(unet, shape, batch, repeats, torch.no_grad)
+    print(f"model call, batch {batch}: inference_mode {1000 * inference:.1f} ms, no_grad {1000 * no_grad:.1f} ms "
+          f"(ratio {no_grad / inference:.3f})")
+
+
+# --------------------------------------------------------------------------- 4. FLOPs
+
+
+def flop_table(den_cfg: DenoiserRunConfig, threads: int, repeats: int) -> None:
+    torch.set_num_threads(threads)
+    m = den_cfg.model
+    unet = UNet(m).eval()
+    batch = 250
+    z, t = torch.randn(batch, m.latent_channels, m.latent_size, m.latent_size), torch.zeros(batch, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        unet(z, t)
+    flops = counter.get_total_flops() / batch
+    call = call_seconds(unet, tuple(z.shape[1:]), batch, repeats)
+    a = torch.randn(2048, 2048)
+    matmul = median_time(lambda: a @ a, repeats)
+    peak = 2 * 2048**3 / matmul
+    reached = flops * batch / call
+    print(f"\n4. FLOPs (threads {threads})")
+    print(f"denoiser forward: {flops / 1e6:.1f} MFLOP per image, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M "
+          f"parameters; DDIM-{STEPS}: {STEPS * flops / 1e9:.2f} GFLOP per image")
+    print(f"rate reached by the model at batch {batch}: {reached / 1e9:.0f} GFLOP/s; float32 matmul 2048²: "
+          f"{peak / 1e9:.0f} GFLOP/s (ratio {reached / peak:.2f})")
+    print(f"DDIM-{STEPS} at the matmul rate would take {STEPS * flops / peak:.4f} s per image")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vae-config", type=Path, default=packaged_config("quickstart/vae.toml"))
+    parser.add_argument("--den-config", type=Path, default=packaged_config("quickstart/denoiser.toml"))
+    parser.add_argument("--vae-set", action="append", default=[])
+    parser.add_argument("--den-set", action="append", default=[])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batches", type=int, nargs="+", default=[50, 125, 250, 500])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "sampling", "flops"])
+    args = parser.parse_args()
+    vae_cfg = load_config(VAERunConfig, args.vae_config, args.vae_set)
+    den_cfg = load_config(DenoiserRunConfig, args.den_config, args.den_set)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads by default; denoiser "
+          f"{den_cfg.model.base_channels}×{den_cfg.model.channel_mults}, {den_cfg.model.blocks_per_level} blocks/level")
+    if "training" not in args.skip:
+        training_table(vae_cfg, den_cfg, args.threads, args.repeats)
+    if "sampling" not in args.skip:
+        sampling_table(den_cfg, args.threads, args.batches, args.repeats)
+    if "flops" not in args.skip:
+        flop_table(den_cfg, max(args.threads), args.repeats)
+
+
+if __name__ == "__main__":
+    main()

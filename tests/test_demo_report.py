@@ -27,6 +27,10 @@ def fake_records(vae_minutes: float | None, denoiser_minutes: float | None, reus
         "train-denoiser": training(denoiser_minutes),
         "sample-ddpm": sampling,
         "sample-ddim": sampling,
+        "evaluate": {"seconds": 2.0, "reused": reused, "scores": {
+            name: {"fd": fd, "legibility": legibility, "precision": 0.5, "recall": 0.5}
+            for name, fd, legibility in (("samples", 12.0, 0.05), ("floor", 3.0, 0.34),
+                                         ("vae_reconstruction", 7.0, 0.07), ("prior", 66.0, 0.0))}},
         "reimagine": {"seconds": 3.0, "reused": reused, "start_timesteps": {}, "ddim_steps": {}},
     }
 
@@ -40,6 +44,11 @@ def folder(tmp_path):
     (tmp_path / "schedules").mkdir()
     (tmp_path / "schedules" / "schedules.csv").write_text("t,linear\n0,0.1\n")
     return tmp_path
+
+
+def test_quality_section_places_the_samples_between_prior_and_floor(folder):
+    markdown = demo.build_report(folder, fake_records(1.0, 1.0, reused=False), 1.0).markdown()
+    assert "| 12.00 | 0.050 |" in markdown and "closes 86% of the gap" in markdown
 
 
 def test_stage_table_names_its_reused_column(folder):

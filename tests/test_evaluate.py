@@ -469,9 +469,12 @@ def sampled(trained_denoiser: Path, tmp_path_factory: pytest.TempPathFactory) ->
     return out
 
 
-def test_sample_records_its_checkpoint_sampler_steps_and_seed(sampled, trained_denoiser):
+def test_sample_records_its_checkpoint_sampler_steps_seed_and_precision(sampled, trained_denoiser):
+    from ldm_cli.common.device import resolve_precision
+
     record = json.loads((sampled / "sample.json").read_text())
-    assert record == {"checkpoint": str(trained_denoiser.resolve()), "sampler": "ddim", "steps": 4, "seed": 42}
+    assert record == {"checkpoint": str(trained_denoiser.resolve()), "sampler": "ddim", "steps": 4, "seed": 42,
+                      "precision": resolve_precision("auto", "cpu")}
 
 
 def test_sample_json_is_claimed_like_the_other_outputs(trained_denoiser, tmp_path):

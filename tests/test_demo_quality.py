@@ -12,7 +12,7 @@ from ldm_cli.commands.sample import run_sample
 from ldm_cli.training.denoiser_task import train_denoiser
 from ldm_cli.training.vae_task import train_vae
 
-MINUTES = 1.0  # a tenth of the demo's training budget
+MINUTES = 2.0  # a fifth of the demo's training budget
 NUM_IMAGES = 96
 
 

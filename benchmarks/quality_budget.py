@@ -115,11 +115,6 @@ class Calibration:
         return (vae_share * training / self.vae_update / self.vae_steps,
                 (1 - vae_share) * training / self.den_update / self.den_steps)
 
-    def vae_share(self) -> float:
-        """The VAE's share of the training time at the configs' own step counts."""
-        vae = self.vae_steps * self.vae_update
-        return vae / (vae + self.den_steps * self.den_update)
-
 
 @dataclass
 class Row:

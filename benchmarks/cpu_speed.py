@@ -135,12 +135,12 @@ def sampling_seconds(model: torch.nn.Module, schedule: NoiseSchedule, shape: tup
 
 
 def call_seconds(model: torch.nn.Module, shape: tuple[int, ...], batch: int, repeats: int,
-                 mode: Callable[[], object] = torch.inference_mode) -> float:
+                 mode: Callable[[], object] = torch.inference_mode, bf16: bool = False) -> float:
     z = torch.randn(batch, *shape)
     t = torch.full((batch,), 500, dtype=torch.long)
 
     def call() -> None:
-        with mode():
+        with mode(), autocast(bf16):
             model(z, t)
     return median_time(call, repeats)
 
@@ -199,6 +199,12 @@ def flop_table(den_cfg: DenoiserRunConfig, threads: int, repeats: int) -> None:
     print(f"rate reached by the model at batch {batch}: {reached / 1e9:.0f} GFLOP/s; float32 matmul 2048²: "
           f"{peak / 1e9:.0f} GFLOP/s (ratio {reached / peak:.2f})")
     print(f"DDIM-{STEPS} at the matmul rate would take {STEPS * flops / peak:.4f} s per image")
+    a16 = a.to(torch.bfloat16)
+    peak16 = 2 * 2048**3 / median_time(lambda: a16 @ a16, repeats)
+    reached16 = flops * batch / call_seconds(unet, tuple(z.shape[1:]), batch, repeats, bf16=True)
+    print(f"bf16: rate reached by the model (autocast) {reached16 / 1e9:.0f} GFLOP/s; bf16 matmul 2048²: "
+          f"{peak16 / 1e9:.0f} GFLOP/s (ratio {reached16 / peak16:.2f}); DDIM-{STEPS} at the bf16 matmul rate would "
+          f"take {STEPS * flops / peak16:.4f} s per image, DPM++-20 {20 * flops / peak16:.4f}")
 
 
 def main() -> None:

@@ -8,8 +8,11 @@ For each configuration and budget B (minutes of wall clock for the whole trainin
 pipeline: train-vae, the latent cache, train-denoiser), and for each run (seed r for
 both stages):
 
-1. Calibrate once per configuration: 40 updates of each stage give seconds per update
-   and the fixed cost of each stage (start-up, latent cache, export).
+1. Calibrate the baseline once: 40 updates of each stage give seconds per update and
+   the fixed cost of each stage (start-up, latent cache, export), cached in
+   OUT/calibration.json. Every other configuration (`defaults` too) takes those seconds
+   multiplied by its update-time ratio to the baseline, timed in alternation, so a
+   machine whose speed drifted between two calibrations does not tilt the comparison.
 2. Scale both configs' `train.max_steps` by one factor, so that the two stages together
    fit B (the configs' step ratio is their time split); warm-up and β decay scale as in
    `ldm demo`. Periodic quality measurement is off; checkpoints are written at the end.
@@ -311,7 +314,9 @@ def print_table(rows: list[Row]) -> None:
 
 
 def configurations(args: argparse.Namespace) -> list[Configuration]:
-    confs = [Configuration(name, name) for name in args.configs]
+    # `defaults` takes the baseline's calibration, scaled by measured update-time ratios, so the
+    # two are compared at the same wall clock even when the machine's speed drifted in between
+    confs = [Configuration(name, name, relative_to=None if name == "baseline" else "baseline") for name in args.configs]
     if args.name:
         confs.append(Configuration(args.name, args.base, tuple(args.vae_set), tuple(args.den_set), args.vae_share,
                                    args.relative_to))

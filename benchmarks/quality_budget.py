@@ -41,6 +41,7 @@ Two cheaper forms for a study, both keeping the budget's step counts:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
@@ -219,6 +220,21 @@ def update_time_ratio(conf: Configuration, ref_conf: Configuration, repeats: int
     return ratios[0], ratios[1]
 
 
+def cached_ratio(conf: Configuration, ref_conf: Configuration, out: Path) -> tuple[float, float]:
+    """`update_time_ratio`, measured once per pair of speed settings (cached in
+    OUT/calibration.json): variants that change nothing that sets an update's cost get
+    exactly the step counts of the configuration they vary, not a fresh, noisy ratio."""
+    pair = [stage_configs(c, (1.0, 1.0), Path("unused"), 0) for c in (conf, ref_conf)]
+    key = "ratio:" + hashlib.sha256(json.dumps([[speed_settings(c) for c in stages] for stages in pair],
+                                               sort_keys=True).encode()).hexdigest()[:16]
+    path = out / "calibration.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    if key not in known:
+        known[key] = list(update_time_ratio(conf, ref_conf))
+        path.write_text(json.dumps(known, indent=2))
+    return known[key][0], known[key][1]
+
+
 def relative_factors(conf: Configuration, ref: Calibration, ratios: tuple[float, float],
                      budget_seconds: float) -> tuple[float, float]:
     """Factors of `conf`'s step counts for this budget, from the reference's calibration with
@@ -359,7 +375,7 @@ def main() -> None:
         reference, _path, _cached = load_or_build_reference(data, network)
         ref_conf = Configuration(conf.relative_to, conf.relative_to) if conf.relative_to else None
         calibration = calibrate(ref_conf or conf, args.out)
-        ratios = update_time_ratio(conf, ref_conf) if ref_conf else (1.0, 1.0)
+        ratios = cached_ratio(conf, ref_conf, args.out) if ref_conf else (1.0, 1.0)
         if ref_conf:
             print(f"{conf.name}: update time / {ref_conf.name}'s: VAE {ratios[0]:.3f}, denoiser {ratios[1]:.3f}",
                   flush=True)

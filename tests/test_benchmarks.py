@@ -34,3 +34,37 @@ def test_gpu_benchmark_reports_positive_rates_on_tiny_cpu_shapes():
         rate = float(row[len(what):].split()[0])
         assert rate > 0
     assert "GFLOP forward+backward" in done.stdout
+
+
+def quality_budget_module():
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import quality_budget
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    return quality_budget
+
+
+def test_quality_budget_measures_a_speed_ratio_once_per_speed_settings(tmp_path, monkeypatch):
+    q = quality_budget_module()
+    timed: list[str] = []
+    monkeypatch.setattr(q, "update_time_ratio", lambda conf, ref: timed.append(conf.name) or (0.5, 0.25))
+    base = q.Configuration("baseline", "baseline")
+    defaults = q.Configuration("defaults", "defaults", relative_to="baseline")
+    same_speed = q.Configuration("beta", "defaults", vae_set=("loss.beta_final=1e-4",), relative_to="baseline")
+    other_speed = q.Configuration("b8", "defaults", vae_set=("train.batch_size=8",), relative_to="baseline")
+    assert q.cached_ratio(defaults, base, tmp_path) == (0.5, 0.25)
+    assert q.cached_ratio(same_speed, base, tmp_path) == (0.5, 0.25)  # β does not change an update's cost
+    assert timed == ["defaults"]
+    q.cached_ratio(other_speed, base, tmp_path)
+    assert timed == ["defaults", "b8"]
+
+
+def test_quality_budget_splits_a_budget_by_the_calibration():
+    q = quality_budget_module()
+    cal = q.Calibration(vae_update=0.1, vae_fixed=5.0, den_update=0.2, den_fixed=5.0, vae_steps=1000, den_steps=500)
+    vae_factor, den_factor = cal.factors(300.0, None)  # 290 s of training: f·(1000·0.1 + 500·0.2) = 290
+    assert vae_factor == den_factor == pytest.approx(290 / 200)
+    vae_factor, den_factor = cal.factors(300.0, 0.6)  # the VAE gets 60 % of the 290 s
+    assert vae_factor * 1000 * 0.1 == pytest.approx(0.6 * 290)
+    assert den_factor * 500 * 0.2 == pytest.approx(0.4 * 290)

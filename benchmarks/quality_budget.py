@@ -11,8 +11,9 @@ both stages):
 1. Calibrate the baseline once: 40 updates of each stage give seconds per update and
    the fixed cost of each stage (start-up, latent cache, export), cached in
    OUT/calibration.json. Every other configuration (`defaults` too) takes those seconds
-   multiplied by its update-time ratio to the baseline, timed in alternation, so a
-   machine whose speed drifted between two calibrations does not tilt the comparison.
+   multiplied by its update-time ratio to the baseline, timed in alternation (once per
+   pair of speed settings, also cached), so a machine whose speed drifted between two
+   calibrations does not tilt the comparison.
 2. Scale both configs' `train.max_steps` by one factor, so that the two stages together
    fit B (the configs' step ratio is their time split); warm-up and β decay scale as in
    `ldm demo`. Periodic quality measurement is off; checkpoints are written at the end.
@@ -46,8 +47,10 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -220,19 +223,26 @@ def update_time_ratio(conf: Configuration, ref_conf: Configuration, repeats: int
     return ratios[0], ratios[1]
 
 
-def cached_ratio(conf: Configuration, ref_conf: Configuration, out: Path) -> tuple[float, float]:
-    """`update_time_ratio`, measured once per pair of speed settings (cached in
-    OUT/calibration.json): variants that change nothing that sets an update's cost get
-    exactly the step counts of the configuration they vary, not a fresh, noisy ratio."""
-    pair = [stage_configs(c, (1.0, 1.0), Path("unused"), 0) for c in (conf, ref_conf)]
-    key = "ratio:" + hashlib.sha256(json.dumps([[speed_settings(c) for c in stages] for stages in pair],
-                                               sort_keys=True).encode()).hexdigest()[:16]
+def remembered(out: Path, key: str, measure: Callable[[], Any]) -> Any:
+    """`measure()` the first time `key` is asked for, then its value cached in
+    OUT/calibration.json (calibrations and update-time ratios share the file)."""
     path = out / "calibration.json"
     known = json.loads(path.read_text()) if path.is_file() else {}
     if key not in known:
-        known[key] = list(update_time_ratio(conf, ref_conf))
+        known[key] = measure()
         path.write_text(json.dumps(known, indent=2))
-    return known[key][0], known[key][1]
+    return known[key]
+
+
+def cached_ratio(conf: Configuration, ref_conf: Configuration, out: Path) -> tuple[float, float]:
+    """`update_time_ratio`, measured once per pair of speed settings: variants that change
+    nothing that sets an update's cost get exactly the step counts of the configuration
+    they vary, not a fresh, noisy ratio."""
+    pair = [stage_configs(c, (1.0, 1.0), Path("unused"), 0) for c in (conf, ref_conf)]
+    key = "ratio:" + hashlib.sha256(json.dumps([[speed_settings(c) for c in stages] for stages in pair],
+                                               sort_keys=True).encode()).hexdigest()[:16]
+    vae_ratio, den_ratio = remembered(out, key, lambda: list(update_time_ratio(conf, ref_conf)))
+    return vae_ratio, den_ratio
 
 
 def relative_factors(conf: Configuration, ref: Calibration, ratios: tuple[float, float],
@@ -248,11 +258,12 @@ def relative_factors(conf: Configuration, ref: Calibration, ratios: tuple[float,
 
 
 def calibrate(conf: Configuration, out: Path) -> Calibration:
-    """Time CALIBRATION_STEPS updates of each stage (cached in OUT/calibration.json)."""
-    path = out / "calibration.json"
-    known = json.loads(path.read_text()) if path.is_file() else {}
-    if conf.name in known:
-        return Calibration(**known[conf.name])
+    """Seconds per update and fixed seconds of each stage (measured once, then cached)."""
+    return Calibration(**remembered(out, conf.name, lambda: asdict(measure_calibration(conf, out))))
+
+
+def measure_calibration(conf: Configuration, out: Path) -> Calibration:
+    """Time CALIBRATION_STEPS updates of each stage, and the rest of each stage's wall time."""
     full_vae, full_den = stage_configs(conf, (1.0, 1.0), out / "calibration" / conf.name, 0)
     factors = (CALIBRATION_STEPS / full_vae.train.max_steps, CALIBRATION_STEPS / full_den.train.max_steps)
     vae_cfg, den_cfg = stage_configs(conf, factors, out / "calibration" / conf.name, 0)
@@ -260,8 +271,6 @@ def calibrate(conf: Configuration, out: Path) -> Calibration:
     vae_update, den_update = 1 / vae_res.steps_per_second, 1 / den_res.steps_per_second
     cal = Calibration(vae_update, vae_s - vae_res.seconds, den_update, den_s - den_res.seconds,
                       full_vae.train.max_steps, full_den.train.max_steps)
-    known[conf.name] = asdict(cal)
-    path.write_text(json.dumps(known, indent=2))
     print(f"calibrated {conf.name}: VAE {vae_update * 1000:.0f} ms/update + {cal.vae_fixed:.1f} s, "
           f"denoiser {den_update * 1000:.0f} ms/update + {cal.den_fixed:.1f} s", flush=True)
     return cal

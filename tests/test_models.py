@@ -11,7 +11,8 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from ldm_cli.config import UNetConfig, VAEModelConfig
-from ldm_cli.models.unet import UNet, timestep_embedding
+from ldm_cli.models import unet as unet_module
+from ldm_cli.models.unet import SHORT_SEQUENCE, ConvNeXtBlock, UNet, attention, timestep_embedding
 from ldm_cli.models.vae import VAE, DiagonalGaussian
 
 
@@ -303,6 +304,42 @@ def test_unet_matches_under_channels_last_and_compiles_as_one_graph() -> None:
 
     compiled = torch.compile(unet, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(z, t), reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("needs_gradient", [False, True])
+@pytest.mark.parametrize("tokens", [1, SHORT_SEQUENCE, SHORT_SEQUENCE + 1, 64])
+def test_attention_is_softmax_of_scaled_dot_products_on_both_sides_of_its_switch(tokens, needs_gradient, dtype,
+                                                                                  monkeypatch) -> None:
+    """softmax(q·kᵀ/√d)·v from its definition, written out or by the fused kernel — the
+    fused kernel exactly where `attention` says: for training or beyond SHORT_SEQUENCE tokens."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, tokens, 8, dtype=torch.float64) for _ in range(3))
+    weights = torch.exp(q @ k.transpose(-2, -1) / math.sqrt(8))
+    expected = (weights / weights.sum(dim=-1, keepdim=True)) @ v
+    fused_calls = []
+    fused = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(unet_module.F, "scaled_dot_product_attention",
+                        lambda *args: fused_calls.append(1) or fused(*args))
+    out = attention(q.to(dtype).requires_grad_(needs_gradient), k.to(dtype), v.to(dtype))
+    assert out.dtype == dtype
+    tolerance = {"rtol": 1e-9, "atol": 1e-12} if dtype == torch.float64 else {"rtol": 0.02, "atol": 0.02}
+    torch.testing.assert_close(out.detach().double(), expected, **tolerance)
+    assert len(fused_calls) == (needs_gradient or tokens > SHORT_SEQUENCE)
+
+
+def test_convnext_block_computes_its_documented_formula() -> None:
+    """out = x + γ ⊙ W₂·GELU(W₁·(LN(dwconv x)·(1 + scale(c)) + shift(c))), per pixel."""
+    torch.manual_seed(0)
+    block = ConvNeXtBlock(channels=8, cond_dim=12, mlp_ratio=2, layer_scale_init=0.7, dropout=0.0).double()
+    torch.nn.init.normal_(block.layer_scale)
+    x, cond = torch.randn(3, 8, 5, 5, dtype=torch.float64), torch.randn(3, 12, dtype=torch.float64)
+    h = block.depthwise(x).permute(0, 2, 3, 1)
+    mean, var = h.mean(dim=-1, keepdim=True), h.var(dim=-1, unbiased=False, keepdim=True)
+    scale, shift = block.modulation(cond).chunk(2, dim=-1)
+    h = (h - mean) / torch.sqrt(var + 1e-6) * (1 + scale[:, None, None]) + shift[:, None, None]
+    h = block.contract(torch.nn.functional.gelu(block.expand(h))) * block.layer_scale
+    torch.testing.assert_close(block(x, cond), x + h.permute(0, 3, 1, 2), rtol=1e-10, atol=1e-12)
 
 
 def test_unet_stores_its_config() -> None:

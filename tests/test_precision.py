@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from ldm_cli.cli import app
 from ldm_cli.common import device as device_module
-from ldm_cli.common.device import has_native_bf16, resolve_precision
+from ldm_cli.common.device import has_native_bf16, model_in_precision, resolve_precision
 from ldm_cli.config import UNetConfig
 from ldm_cli.diffusion.sampling import sample
 from ldm_cli.diffusion.schedules import NoiseSchedule
-from ldm_cli.errors import UsageError
+from ldm_cli.errors import LdmError, UsageError
 from ldm_cli.models.unet import UNet
 
 
@@ -53,6 +56,36 @@ def test_bf16_model_calls_change_samples_only_by_rounding():
     assert 0 < difference < 0.05 * runs["fp32"].std()
 
 
+def test_a_bf16_model_is_a_bf16_copy_that_leaves_the_network_as_it_was():
+    """bf16 runs a copy with bfloat16 weights (nothing cast per call), takes and returns
+    float32, and leaves the float32 network, a compiled one included, untouched."""
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(latent_channels=2, latent_size=8, base_channels=16, channel_mults=[1, 2],
+                           blocks_per_level=1, attention_levels=[1], layer_scale_init=0.5)).eval()
+    before = {name: p.clone() for name, p in unet.state_dict().items()}
+    z, t = torch.randn(4, 2, 8, 8), torch.tensor([0, 250, 500, 999])
+    with torch.inference_mode():
+        exact = unet(z, t)
+        for model in (unet, torch.compile(unet, backend="eager")):
+            bf16 = model_in_precision(model, "bf16")
+            out = bf16(z, t)
+            assert out.dtype == torch.float32
+            assert 0 < (out - exact).abs().max() < 0.05 * exact.abs().max()
+    assert all(p.dtype == torch.float32 for p in unet.parameters())
+    assert all(torch.equal(unet.state_dict()[name], value) for name, value in before.items())
+    assert model_in_precision(unet, "fp32") is unet
+
+
+def test_a_closed_form_model_runs_under_bf16_autocast():
+    """A plain function has no weights to copy: its matrix products run in bf16 under autocast."""
+    weight = torch.randn(3, 3)
+    oracle = model_in_precision(lambda z, t: z @ weight, "bf16")
+    z = torch.randn(5, 3)
+    out = oracle(z, torch.zeros(5))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, (z.bfloat16() @ weight.bfloat16()).float())
+
+
 def test_ldm_sample_records_its_precision_and_refuses_an_unknown_one(trained_denoiser, tmp_path):
     runner = CliRunner()
     common = ["sample", "--checkpoint", str(trained_denoiser), "--num-samples", "2", "--ddim", "--steps", "5"]
@@ -65,3 +98,39 @@ def test_ldm_sample_records_its_precision_and_refuses_an_unknown_one(trained_den
     result = runner.invoke(app, common + ["--out", str(tmp_path / "c"), "--precision", "fp16"])
     assert result.exit_code == 2 and "--precision 'fp16'" in result.output
     assert "Traceback" not in result.output and not (tmp_path / "c").exists()
+
+
+needs_a_cpp_compiler = pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("c++", "g++", "clang++")),
+    reason="torch.compile's inductor backend needs a C++ compiler on a CPU")
+
+
+@needs_a_cpp_compiler
+def test_ldm_sample_compile_gives_the_images_of_the_uncompiled_network(trained_denoiser, tmp_path):
+    """`--compile` changes only rounding (frozen weights, fused kernels), trajectory included,
+    and a batch of another size (the last one) recompiles and runs."""
+    runner = CliRunner()
+    common = ["sample", "--checkpoint", str(trained_denoiser), "--num-samples", "3", "--batch-size", "2", "--ddim",
+              "--steps", "3", "--trajectory"]
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        result = runner.invoke(app, common + ["--out", str(tmp_path / name), *extra])
+        assert result.exit_code == 0, result.output
+    for index in range(3):
+        eager, compiled = (np.asarray(Image.open(tmp_path / name / "images" / f"{index:06d}.png"), dtype=float)
+                           for name in ("eager", "compiled"))
+        assert np.abs(eager - compiled).mean() < 2.0  # of 255 levels
+    assert (tmp_path / "compiled" / "trajectory.png").exists()
+
+
+def test_a_failed_compilation_is_one_clear_error(monkeypatch):
+    def broken_compile(module):
+        def call(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(broken_compile, RuntimeError("no C++ compiler found"), None)
+        return call
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    unet = UNet(UNetConfig(latent_channels=2, latent_size=8, base_channels=16, channel_mults=[1, 2],
+                           blocks_per_level=1)).eval()
+    compiled = model_in_precision(unet, "fp32", compile=True)
+    with pytest.raises(LdmError, match=r"^--compile: torch.compile could not compile the network \(no C\+\+ compiler "
+                                       r"found\); sample without --compile$"):
+        compiled(torch.randn(2, 2, 8, 8), torch.tensor([1, 2]))

@@ -211,6 +211,7 @@ def sample_command(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images sampled at once (memory does not grow with --num-samples).")] = 25,
     trajectory: Annotated[bool, typer.Option("--trajectory", help="Also draw the reverse process: z_t and ẑ0 at evenly spaced steps (trajectory.png, and trajectory.gif as an animation).")] = False,
     precision: Annotated[str, typer.Option("--precision", help="Model calls in fp32 or bf16; auto: bf16 where the device runs it natively (CUDA GPUs with bf16, CPUs with AVX512-BF16/AMX).")] = "auto",
+    compile: Annotated[bool, typer.Option("--compile", help="Compile the network first (torch.compile, weights frozen): faster steps after a one-time compilation of about 10 s on a CPU, worth it from a few thousand images.")] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for grid.png, images/, trajectory.png and trajectory.gif.")] = Path("samples"),
     overwrite: ReplaceOpt = False,
 ) -> None:
@@ -223,7 +224,8 @@ def sample_command(
     chosen = "ddim" if ddim else (sampler or "ddpm")
     report = run_sample(model_file(checkpoint, "denoiser", "--checkpoint"), out, num_samples=num_samples, seed=seed,
                         sampler=chosen, steps=steps, eta=eta, clip_limit=clip_limit, batch_size=batch_size,
-                        trajectory=trajectory, spacing=spacing, overwrite=overwrite, precision=precision)
+                        trajectory=trajectory, spacing=spacing, overwrite=overwrite, precision=precision,
+                        compile=compile)
     console.print(f"{len(report.images)} images with {chosen} ({report.timesteps_used} steps) in {report.seconds:.1f} s")
     console.print(f"wrote {report.grid} and {report.out_dir / 'images'}/")
     for picture in (report.trajectory, report.trajectory_gif):

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ldm_cli.common.device import model_autocast
+from ldm_cli.common.device import model_in_precision
 from ldm_cli.diffusion import DEFAULT_STEPS
 from ldm_cli.diffusion.parametrization import alpha_sigma
 from ldm_cli.diffusion.samplers import SAMPLERS, check_batch_size, check_sampler_args, sampling_timesteps
@@ -172,8 +172,8 @@ def sample(
     sample (then every sample's draws depend on its own generator only, see
     `sample_in_batches`). ``callback(i, t, z, ẑ0)`` runs after step i, which evaluated
     the model at timestep t and produced z. The model runs once per step; with
-    ``precision="bf16"`` it runs under bfloat16 autocast (`common.device.model_autocast`)
-    while the sampler's own arithmetic stays in ``dtype``.
+    ``precision="bf16"`` it runs in bfloat16 (`common.device.model_in_precision`) while the
+    sampler's own arithmetic stays in ``dtype``.
     """
     t_start = schedule.timesteps - 1 if t_start is None else t_start
     check_sampler_args(sampler, steps, eta, clip_limit, spacing, schedule.timesteps, t_start)
@@ -187,11 +187,10 @@ def sample(
         z = start_latent(z_start, shape, timesteps, t_start, spacing, device, dtype)
     noise = StepNoise(shape, generator, device, dtype)
     previous: tuple[int, torch.Tensor] | None = None  # (t, ẑ0) of the step before, for multistep samplers
+    v_model = model_in_precision(model, precision)
     with torch.inference_mode():
         for i, (t, t_next) in enumerate(zip(timesteps, timesteps[1:] + [-1])):
-            with model_autocast(device, precision):
-                v_hat = model(z, torch.full((shape[0],), t, dtype=torch.long, device=device))
-            v_hat = v_hat.to(dtype)
+            v_hat = v_model(z, torch.full((shape[0],), t, dtype=torch.long, device=device)).to(dtype)
             step_noise = noise.draw() if spec.is_stochastic(eta) and t_next >= 0 else None
             options = spec.options(eta, step_noise, previous)
             z, z0_hat = spec.step(schedule, z, t, t_next, v_hat, clip_limit=clip_limit, **options)
@@ -217,6 +216,7 @@ def sample_in_batches(
     memory at a time. ``kwargs`` go to `sample`.
     """
     check_batch_size(batch_size)
+    model = model_in_precision(model, kwargs.get("precision", "fp32"))  # once, not for every batch
     for first in range(0, num_samples, batch_size):
         count = min(batch_size, num_samples - first)
         generators = [torch.Generator().manual_seed(seed * SEED_STRIDE + i) for i in range(first, first + count)]

@@ -14,6 +14,9 @@
 4. FLOPs of one forward pass per image (torch's FlopCounterMode) and the rate reached,
    against the rate of a large float32 matrix product on this CPU: how far a faster
    implementation of the same model could go.
+5. Attention: softmax(q·kᵀ/√d)·v written out against torch's fused kernel, at the
+   quickstart model's 16 tokens (training: float32 forward and backward; sampling:
+   bfloat16 forward) and at longer sequences: where `models.unet.attention` switches.
 
 Each time is the median of several repeats after a warm-up. No assertions: it prints
 what it measured.
@@ -33,10 +36,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from torch.nn import functional as F
+
+from ldm_cli.common.device import model_in_precision
 from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
 from ldm_cli.diffusion.sampling import sample_in_batches
 from ldm_cli.diffusion.schedules import NoiseSchedule
-from ldm_cli.models.unet import UNet
+from ldm_cli.models.unet import SHORT_SEQUENCE, UNet, attention, written_out_attention
 from ldm_cli.models.vae import VAE
 
 NUM_IMAGES = 500
@@ -126,10 +132,12 @@ def training_table(vae_cfg: VAERunConfig, den_cfg: DenoiserRunConfig, threads: l
 
 
 def sampling_seconds(model: torch.nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], batch: int,
-                     bf16: bool = False) -> float:
+                     bf16: bool = False, precision: str = "fp32") -> float:
+    """Wall seconds of DDIM sampling; `bf16`: under autocast; `precision`: as `ldm sample --precision`."""
     start = time.perf_counter()
     with autocast(bf16):
-        for _ in sample_in_batches(model, schedule, NUM_IMAGES, shape, batch, 0, sampler="ddim", steps=STEPS):
+        for _ in sample_in_batches(model, schedule, NUM_IMAGES, shape, batch, 0, sampler="ddim", steps=STEPS,
+                                   precision=precision):
             pass
     return time.perf_counter() - start
 
@@ -163,12 +171,15 @@ def sampling_table(den_cfg: DenoiserRunConfig, threads: list[int], batches: list
                   flush=True)
     torch.set_num_threads(max(threads))
     batch = max(batches)
-    for name, model, bf16 in (("channels-last", prepared(UNet(m).eval(), True, False), False),
-                              ("compile", prepared(UNet(m).eval(), False, True), False),
-                              ("bf16 autocast", unet, True)):
+    channels_last = prepared(UNet(m).eval(), True, False)
+    for name, model, bf16, precision in (("channels-last", channels_last, False, "fp32"),
+                                         ("compile", prepared(UNet(m).eval(), False, True), False, "fp32"),
+                                         ("bf16 autocast", unet, True, "fp32"),
+                                         ("channels-last, bf16 autocast", channels_last, True, "fp32"),
+                                         ("channels-last, bf16 copy", channels_last, False, "bf16")):
         with torch.inference_mode(), autocast(bf16):  # compiles before the clock starts
             model(torch.randn(batch, *shape), torch.full((batch,), 500, dtype=torch.long))
-        seconds = sampling_seconds(model, schedule, shape, batch, bf16)
+        seconds = sampling_seconds(model, schedule, shape, batch, bf16, precision)
         print(f"{f'threads {max(threads)}, batch {batch}, {name}':<40}{seconds / NUM_IMAGES:>11.4f}", flush=True)
     inference = call_seconds(unet, shape, batch, repeats, torch.inference_mode)
     no_grad = call_seconds(unet, shape, batch, repeats, torch.no_grad)
@@ -201,10 +212,49 @@ def flop_table(den_cfg: DenoiserRunConfig, threads: int, repeats: int) -> None:
     print(f"DDIM-{STEPS} at the matmul rate would take {STEPS * flops / peak:.4f} s per image")
     a16 = a.to(torch.bfloat16)
     peak16 = 2 * 2048**3 / median_time(lambda: a16 @ a16, repeats)
-    reached16 = flops * batch / call_seconds(unet, tuple(z.shape[1:]), batch, repeats, bf16=True)
-    print(f"bf16: rate reached by the model (autocast) {reached16 / 1e9:.0f} GFLOP/s; bf16 matmul 2048²: "
-          f"{peak16 / 1e9:.0f} GFLOP/s (ratio {reached16 / peak16:.2f}); DDIM-{STEPS} at the bf16 matmul rate would "
-          f"take {STEPS * flops / peak16:.4f} s per image, DPM++-20 {20 * flops / peak16:.4f}")
+    autocast16 = flops * batch / call_seconds(unet, tuple(z.shape[1:]), batch, repeats, bf16=True)
+    unet = unet.to(memory_format=torch.channels_last)
+    copy16 = flops * batch / call_seconds(model_in_precision(unet, "bf16"), tuple(z.shape[1:]), batch, repeats)
+    print(f"bf16: rate reached by the model under autocast {autocast16 / 1e9:.0f} GFLOP/s, as a channels-last bf16 "
+          f"copy {copy16 / 1e9:.0f} GFLOP/s; bf16 matmul 2048²: {peak16 / 1e9:.0f} GFLOP/s (ratio "
+          f"{copy16 / peak16:.2f}); DDIM-{STEPS} at the bf16 matmul rate would take {STEPS * flops / peak16:.4f} s per "
+          f"image, DPM++-20 {20 * flops / peak16:.4f}")
+
+
+# --------------------------------------------------------------------------- 5. attention
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def attention_seconds(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      repeats: int) -> float:
+    """Median seconds of `fn(q, k, v)`: forward and backward when q requires a gradient, else forward only."""
+    if q.requires_grad:
+        return median_time(lambda: fn(q, k, v).sum().backward(), repeats)
+    with torch.inference_mode():
+        return median_time(lambda: fn(q, k, v), repeats)
+
+
+def attention_table(threads: int, repeats: int) -> None:
+    torch.set_num_threads(threads)
+    heads, head_dim = 4, 32  # the quickstart model's attention: 128 channels in 4 heads
+    print(f"\n5. Attention, {heads} heads of {head_dim} (threads {threads}); `attention` writes the product out "
+          f"for sampling (no gradient) up to {SHORT_SEQUENCE} tokens")
+    print(f"{'case':<44}{'fused ms':>10}{'written out ms':>16}{'ratio':>8}  attention uses")
+    cases = (("training, batch 32, 16 tokens, fp32", 32, 16, torch.float32, True),
+             ("training, batch 32, 16 tokens, bf16", 32, 16, torch.bfloat16, True),
+             ("sampling, batch 250, 16 tokens, fp32", 250, 16, torch.float32, False),
+             ("sampling, batch 250, 16 tokens, bf16", 250, 16, torch.bfloat16, False),
+             ("sampling, batch 250, 64 tokens, bf16", 250, 64, torch.bfloat16, False),
+             ("sampling, batch 8, 1024 tokens, bf16", 8, 1024, torch.bfloat16, False))
+    for name, batch, tokens, dtype, backward in cases:
+        q, k, v = (torch.randn(batch, heads, tokens, head_dim, dtype=dtype, requires_grad=backward) for _ in range(3))
+        fused = attention_seconds(fused_attention, q, k, v, repeats)
+        written = attention_seconds(written_out_attention, q, k, v, repeats)
+        chosen = "written out" if torch.equal(attention(q, k, v), written_out_attention(q, k, v)) else "fused"
+        print(f"{name:<44}{1000 * fused:>10.2f}{1000 * written:>16.2f}{fused / written:>8.2f}  {chosen}", flush=True)
 
 
 def main() -> None:
@@ -216,7 +266,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batches", type=int, nargs="+", default=[50, 125, 250, 500])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "sampling", "flops"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "sampling", "flops", "attention"])
     args = parser.parse_args()
     vae_cfg = load_config(VAERunConfig, args.vae_config, args.vae_set)
     den_cfg = load_config(DenoiserRunConfig, args.den_config, args.den_set)
@@ -228,6 +278,8 @@ def main() -> None:
         sampling_table(den_cfg, args.threads, args.batches, args.repeats)
     if "flops" not in args.skip:
         flop_table(den_cfg, max(args.threads), args.repeats)
+    if "attention" not in args.skip:
+        attention_table(max(args.threads), args.repeats)
 
 
 if __name__ == "__main__":

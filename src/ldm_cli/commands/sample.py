@@ -15,6 +15,7 @@ there.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from ldm_cli.diffusion.samplers import check_batch_size, check_sampler_args
 from ldm_cli.diffusion.sampling import Callback, plan_timesteps, sample_in_batches
 from ldm_cli.errors import UsageError
 from ldm_cli.modelfiles.bundles import load_denoiser
+
+logger = logging.getLogger("ldm")
 
 SAMPLE_RECORD = "sample.json"
 GRID_MAX = 64  # the grid shows at most this many samples; every sample gets its own PNG
@@ -97,6 +100,9 @@ def run_sample(
     out_dir.mkdir(parents=True, exist_ok=True)
 
     network = model_in_precision(bundle.unet, precision, compile=compile)
+    if compile:
+        logger.info("--compile: the first step compiles the network (about 10 s on a CPU), and again for a last "
+                    "batch of another size")
     traced = min(TRAJECTORY_SAMPLES, num_samples, batch_size)  # all from the first batch
     recorder = TrajectoryRecorder(network, set(frame_indices(num_steps)), traced)
     model = InferenceModel(recorder, precision, compile) if trajectory else network

@@ -34,9 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from ldm_cli.commands.evaluate_faces import faces_config
-from ldm_cli.commands.study_measure import Setting, decoded_uint8, warm_up
+from ldm_cli.commands.study_measure import Setting, decoded_uint8, timed_latents, warm_up
 from ldm_cli.common.device import model_in_precision
-from ldm_cli.diffusion.sampling import sample, sample_in_batches
+from ldm_cli.diffusion.sampling import sample
 from ldm_cli.evaluation.face_quality import load_face_network, load_or_build_reference, score_faces
 from ldm_cli.modelfiles.bundles import DenoiserBundle, load_denoiser
 
@@ -59,20 +59,6 @@ def prepared(bundle: DenoiserBundle, precision: str, compiled: bool) -> tuple[Mo
         z, t = torch.randn(BATCH, *bundle.latent_shape), torch.full((BATCH,), 999, dtype=torch.long)
         first = timed(lambda: model(z, t))
     return model, first
-
-
-def timed_latents(model: Model, precision: str, bundle: DenoiserBundle, setting: Setting) -> tuple[torch.Tensor, float]:
-    """NUM_IMAGES clean latents in batches of BATCH and the wall seconds of their reverse chains."""
-    batches, seconds = [], 0.0
-    chains = sample_in_batches(model, bundle.schedule, NUM_IMAGES, bundle.latent_shape, BATCH, 0,
-                               sampler=setting.sampler, steps=setting.steps, precision=precision)
-    while True:
-        start = time.perf_counter()
-        batch = next(chains, None)
-        seconds += time.perf_counter() - start
-        if batch is None:
-            return torch.cat(batches), seconds
-        batches.append(batch)
 
 
 def overhead_ratio(model: Model, precision: str, bundle: DenoiserBundle, setting: Setting, repeats: int = 3) -> float:
@@ -117,7 +103,8 @@ def main() -> None:
     models = {variant: prepared(bundle, *variant) for variant in variants}  # compile each once
     for setting in SETTINGS:
         for (precision, compiled), (model, first_call) in models.items():
-            latents, seconds = timed_latents(model, precision, bundle, setting)
+            latents, seconds = timed_latents(bundle, setting, NUM_IMAGES, 0, device, batch_size=BATCH,
+                                             precision=precision, model=model)
             scores = score_faces(decoded_uint8(bundle, latents), reference, network, progress=False)
             overhead = overhead_ratio(model, precision, bundle, setting)
             print(f"{setting.label:<14}{precision:>10}{'yes' if compiled else 'no':>10}{seconds / NUM_IMAGES:>11.4f}"

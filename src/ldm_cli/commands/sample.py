@@ -105,7 +105,7 @@ def run_sample(
                     "batch of another size")
     traced = min(TRAJECTORY_SAMPLES, num_samples, batch_size)  # all from the first batch
     recorder = TrajectoryRecorder(network, set(frame_indices(num_steps)), traced)
-    model = InferenceModel(recorder, precision, compile) if trajectory else network
+    model = InferenceModel(recorder, precision) if trajectory else network  # prepared: `sample` will not wrap it again
     started = time.perf_counter()
     shown: list[torch.Tensor] = []
     written: list[Path] = []

@@ -5,7 +5,7 @@ inversion + DDIM, with their diversity and their fidelity to the input."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -67,10 +67,14 @@ def warm_up(bundle: DenoiserBundle, device: torch.device) -> None:
 
 
 def timed_latents(bundle: DenoiserBundle, setting: Setting, num: int, seed: int, device: torch.device,
-                  batch_size: int = BATCH_SIZE, precision: str = "fp32") -> tuple[torch.Tensor, float]:
-    """`num` clean latents of `setting` and the wall seconds their reverse chains took."""
+                  batch_size: int = BATCH_SIZE, precision: str = "fp32",
+                  model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+                  ) -> tuple[torch.Tensor, float]:
+    """`num` clean latents of `setting` and the wall seconds their reverse chains took; `model`
+    (default: the bundle's network) is what the sampler calls, e.g. one already prepared by
+    `common.device.model_in_precision`."""
     batches, seconds = [], 0.0
-    chains = sample_in_batches(bundle.unet, bundle.schedule, num, bundle.latent_shape, batch_size, seed,
+    chains = sample_in_batches(model or bundle.unet, bundle.schedule, num, bundle.latent_shape, batch_size, seed,
                                sampler=setting.sampler, steps=setting.steps, clip_limit=setting.clip_limit,
                                device=device, precision=precision)
     while True:

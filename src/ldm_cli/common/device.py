@@ -53,11 +53,11 @@ def model_autocast(device: torch.device | str, precision: str) -> AbstractContex
 
 
 class InferenceModel:
-    """A network prepared for sampling: it computes in `precision` (and compiled or not) and
+    """A network prepared for sampling: it computes in `precision` (compiled or not) and
     takes and returns the dtype of z. `model_in_precision` makes one."""
 
-    def __init__(self, call: Callable[[Tensor, Tensor], Tensor], precision: str, compiled: bool) -> None:
-        self.call, self.precision, self.compiled = call, precision, compiled
+    def __init__(self, call: Callable[[Tensor, Tensor], Tensor], precision: str) -> None:
+        self.call, self.precision = call, precision
 
     def __call__(self, z: Tensor, t: Tensor) -> Tensor:
         return self.call(z, t)
@@ -86,7 +86,7 @@ def model_in_precision(model: Callable[[Tensor, Tensor], Tensor], precision: str
             raise UsageError("only a network (torch.nn.Module) can be compiled for sampling")
         if precision != "bf16":
             return model
-        return InferenceModel(_under_autocast(model), precision, compiled=False)
+        return InferenceModel(_under_autocast(model), precision)
     if precision != "bf16" and not compile:
         return model
     module = copy.deepcopy(getattr(model, "_orig_mod", model)).eval()  # a compiled wrapper cannot be copied
@@ -97,7 +97,7 @@ def model_in_precision(model: Callable[[Tensor, Tensor], Tensor], precision: str
 
     def call(z: Tensor, t: Tensor) -> Tensor:
         return network(z.to(dtype), t).to(z.dtype)
-    return InferenceModel(call, precision, compile)
+    return InferenceModel(call, precision)
 
 
 def _under_autocast(model: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:

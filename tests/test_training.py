@@ -102,3 +102,33 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_ratio():
     assert learning_rate_factor(9, cfg, 110) == pytest.approx(1.0)
     assert learning_rate_factor(60, cfg, 110) == pytest.approx(0.55)
     assert learning_rate_factor(110, cfg, 110) == pytest.approx(0.1)
+
+
+def test_bf16_training_runs_the_network_in_bf16_and_its_loss_in_float32(tmp_path, monkeypatch):
+    """Mixed precision casts the model's forward, not the loss: SSIM's local variances
+    E[x²] − E[x]² and the KL would lose their digits to bf16 rounding."""
+    from ldm_cli.evaluation import image_metrics
+    from ldm_cli.training import vae_loss
+
+    seen = []
+    real_ssim = image_metrics.ssim
+
+    def recording_ssim(a, b, *args, **kwargs):
+        seen.append((a.dtype, torch.is_autocast_enabled("cpu")))
+        return real_ssim(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(vae_loss, "ssim", recording_ssim)
+    outputs = []
+    real_decode = __import__("ldm_cli.models.vae", fromlist=["Decoder"]).Decoder.forward
+
+    def recording_decode(self, z):
+        out = real_decode(self, z)
+        if torch.is_grad_enabled():  # a training step, not a preview or the export
+            outputs.append(out.dtype)
+        return out
+
+    monkeypatch.setattr("ldm_cli.models.vae.Decoder.forward", recording_decode)
+    train_vae(vae_config(tmp_path / "run", 3, "train.mixed_precision='bf16'", "loss.structural='ssim'",
+                         "loss.structural_weight=0.1"))
+    assert outputs and set(outputs) == {torch.bfloat16}, "the network computes in bf16"
+    assert seen and set(seen) == {(torch.float32, False)}, "the loss sees float32 outside autocast"

@@ -80,8 +80,10 @@ class DiagonalGaussian:
 
     def kl(self) -> Tensor:
         """Elementwise KL(q ‖ N(0, I)) = ½·(μ² + σ² − 1 − log σ²) (Kingma & Welling 2014,
-        appendix B). Returned unreduced, with the shape of `mean`; the loss reduces it."""
-        return 0.5 * (self.mean.square() + self.var - 1.0 - self.logvar)
+        appendix B). Returned unreduced, with the shape of `mean`, and in float32 whatever
+        precision the network ran in (bf16 would round μ² + σ² − 1 − log σ² by ~2⁻⁸)."""
+        mean, logvar = self.mean.float(), self.logvar.float()
+        return 0.5 * (mean.square() + logvar.exp() - 1.0 - logvar)
 
 
 # --------------------------------------------------------------------------- building blocks

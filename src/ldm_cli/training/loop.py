@@ -249,8 +249,7 @@ def check_memory(task: TrainTask, model: nn.Module, order: BatchOrder, config: R
     """Refuse a step that would not fit in memory, before the first one runs (`memory.py`)."""
     def loss_of_one() -> torch.Tensor:
         batch = task.get_batch(order.indices(0, 0)[:1]).to(accelerator.device)
-        with accelerator.autocast():
-            return task.loss(model, batch, 0)[0]
+        return task.loss(model, batch, 0)[0]
 
     examples = per_process_batch(config.train, accelerator.num_processes)
     memory = estimate_step(model, loss_of_one, examples)
@@ -287,7 +286,9 @@ def optimizer_update(run: Run) -> Update:
     for micro in range(tcfg.grad_accum_steps):
         batch = run.task.get_batch(run.order.indices(run.step, micro)).to(acc.device, non_blocking=True)
         last = micro == tcfg.grad_accum_steps - 1
-        with (nullcontext() if last else acc.no_sync(run.model)), acc.autocast():
+        # No autocast here: `accelerator.prepare` ran the model's forward under autocast
+        # and returns its outputs in float32, so the loss itself is computed in float32.
+        with nullcontext() if last else acc.no_sync(run.model):
             loss, logged = run.task.loss(run.model, batch, run.step)
         acc.backward(loss / tcfg.grad_accum_steps)
         loss_sum += loss.item() / tcfg.grad_accum_steps

@@ -51,6 +51,6 @@ def vae_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The β-VAE objective and its parts for logging."""
     rec = reconstruction_loss(x.float(), x_hat.float(), cfg)
-    kl = posterior.kl().float().mean()
+    kl = posterior.kl().mean()
     loss = rec + beta * kl
     return loss, {"reconstruction": rec.item(), "kl": kl.item(), "beta": beta}

@@ -44,6 +44,7 @@ from ldm_cli.diffusion.sampling import sample_in_batches
 from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.models.unet import SHORT_SEQUENCE, UNet, attention, written_out_attention
 from ldm_cli.models.vae import VAE
+from ldm_cli.training.vae_loss import vae_loss
 
 NUM_IMAGES = 500
 STEPS = 50
@@ -79,13 +80,13 @@ def vae_update(cfg: VAERunConfig, channels_last: bool, compiled: bool, bf16: boo
     model = prepared(vae, channels_last, compiled)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4)
     res = cfg.data.resolution
-    x = torch.randn(cfg.train.batch_size, 3, res, res)
+    x = torch.rand(cfg.train.batch_size, 3, res, res) * 2 - 1
     x = x.to(memory_format=torch.channels_last) if channels_last else x
 
     def step() -> None:
-        with autocast(bf16):
+        with autocast(bf16):  # the network's forward, as `accelerator.prepare` wraps it
             reconstruction, posterior = model(x)
-            loss = (reconstruction.float() - x).abs().mean() + 1e-4 * posterior.kl().float().mean()
+        loss, _ = vae_loss(x, reconstruction.float(), posterior, 1e-4, cfg.loss)  # float32, as in training
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -104,7 +105,8 @@ def unet_update(cfg: DenoiserRunConfig, channels_last: bool, compiled: bool, bf1
 
     def step() -> None:
         with autocast(bf16):
-            loss = (model(z, t).float() - z).pow(2).mean()
+            prediction = model(z, t)
+        loss = (prediction.float() - z).pow(2).mean()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

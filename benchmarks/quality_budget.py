@@ -144,6 +144,7 @@ class Row:
     stage: str = "both"  # "both", "vae" (VAE only) or "denoiser" (on another run's VAE)
     sampling_precision: str = "fp32"  # of the model calls behind fd, legibility and seconds_per_image
     other_precisions: dict = field(default_factory=dict)  # precision → the same scores sampled in it
+    recon_legibility: float = float("nan")  # of the reconstructions behind recon_fd (rows before 2026-11-30: not measured)
 
     @property
     def pipeline_seconds(self) -> float:
@@ -188,13 +189,16 @@ def train_stage(stage: str, vae_cfg: VAERunConfig, den_cfg: DenoiserRunConfig, v
     return 0.0, timed(train_denoiser, den_cfg, overwrite=True)[1]
 
 
-SPEED_KEYS = ("model", "train.batch_size", "train.grad_accum_steps", "train.mixed_precision", "train.channels_last",
-              "train.compile")  # what sets the cost of an update
+SPEED_KEYS = ("model", "train.batch_size", "train.grad_accum_steps")  # with the resolved speed settings,
+# what sets the cost of an update
 
 
 def speed_settings(config: VAERunConfig | DenoiserRunConfig) -> dict:
+    """What sets the cost of an update: the model, the batch and the speed settings that
+    training resolves on this CPU (so a change of what `auto` means is a new pair to time)."""
     dumped = config.model_dump(mode="json")
-    return {key: dumped[key] if "." not in key else dumped[key.split(".")[0]][key.split(".")[1]] for key in SPEED_KEYS}
+    chosen = {key: dumped[key] if "." not in key else dumped[key.split(".")[0]][key.split(".")[1]] for key in SPEED_KEYS}
+    return chosen | asdict(resolve_speed(config.train, on_cuda=False, model=config.task_name))
 
 
 def update_time_ratio(conf: Configuration, ref_conf: Configuration, repeats: int = 15) -> tuple[float, float]:
@@ -210,7 +214,7 @@ def update_time_ratio(conf: Configuration, ref_conf: Configuration, repeats: int
         if speed_settings(mine) == speed_settings(theirs):
             ratios.append(1.0)
             continue
-        speeds = [resolve_speed(c.train, on_cuda=False) for c in (mine, theirs)]  # as training would run
+        speeds = [resolve_speed(c.train, on_cuda=False, model=c.task_name) for c in (mine, theirs)]  # as training would run
         steps = [build(c, s.channels_last, s.compile, s.bf16) for c, s in zip((mine, theirs), speeds)]
         times: list[list[float]] = [[], []]
         for i in range(repeats + 3):
@@ -293,11 +297,12 @@ def score_samples(denoiser: Path, network, reference, precision: str) -> dict[st
             "recall": scores.recall, "seconds_per_image": seconds / NUM_SAMPLES}
 
 
-def score_reconstructions(vae_file: Path, data: DataConfig, network, reference) -> float:
-    """FD of the VAE's reconstructions of NUM_SAMPLES held-out faces."""
+def score_reconstructions(vae_file: Path, data: DataConfig, network, reference) -> tuple[float, float]:
+    """FD and legibility of the VAE's reconstructions of NUM_SAMPLES held-out faces."""
     held = heldout_faces(data, NUM_SAMPLES)
     recon = reconstruction_batches(load_vae(vae_file), held)
-    return score_faces(recon, reference, network, total=len(held), progress=False).fd
+    scores = score_faces(recon, reference, network, total=len(held), progress=False)
+    return scores.fd, scores.legibility
 
 
 NOT_MEASURED = {"fd": float("nan"), "legibility": float("nan"), "kid": float("nan"), "precision": None,
@@ -408,12 +413,13 @@ def main() -> None:
                 scores = NOT_MEASURED if stage == "vae" else score_samples(denoiser, network, reference, precisions[0])
                 others = {} if stage == "vae" else {p: score_samples(denoiser, network, reference, p)
                                                     for p in precisions[1:]}
-                recon_fd = score_reconstructions(vae_file, data, network, reference)
+                recon_fd, recon_legibility = score_reconstructions(vae_file, data, network, reference)
                 row = Row(conf.name, budget, run, vae_cfg.train.max_steps if stage != "denoiser" else 0,
                           den_cfg.train.max_steps if stage != "vae" else 0, vae_s, den_s, recon_fd=recon_fd,
                           threads=args.threads, settings={"vae": list(conf.vae_set), "denoiser": list(conf.den_set),
                                                           "vae_from": args.vae_from}, stage=stage,
-                          sampling_precision=precisions[0], other_precisions=others, **scores)
+                          sampling_precision=precisions[0], other_precisions=others,
+                          recon_legibility=recon_legibility, **scores)
                 with results.open("a") as f:
                     f.write(json.dumps(asdict(row)) + "\n")
                 print(f"{conf.name} {budget:g} min run {run}: FD {row.fd:.2f}, legibility {row.legibility:.3f}, "

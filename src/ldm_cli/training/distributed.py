@@ -26,14 +26,14 @@ from ldm_cli.training.speed import SpeedSettings, apply_speed_settings, resolve_
 logger = logging.getLogger("ldm")
 
 
-def make_accelerator(cfg: TrainConfig, report_to: list[str] = (), run_dir: Path | None = None,
+def make_accelerator(cfg: TrainConfig, model: str, report_to: list[str] = (), run_dir: Path | None = None,
                      ) -> tuple[Accelerator, SpeedSettings]:
     """An Accelerator on CUDA when present, else a real (gloo) CPU process group, with
-    the speed settings (`ldm_cli.training.speed`) that `auto` resolves to on this machine
-    and the experiment trackers of `report_to` (files under RUN/tracking/)."""
+    the speed settings (`ldm_cli.training.speed`) that `auto` resolves to for training
+    `model` ("vae" or "denoiser") on this machine, and the experiment trackers of `report_to` (files under RUN/tracking/)."""
     AcceleratorState._reset_state(reset_partial_state=False)  # allow several runs per process
     on_cuda = torch.cuda.is_available()
-    speed = resolve_speed(cfg, on_cuda)
+    speed = resolve_speed(cfg, on_cuda, model)
     apply_speed_settings(speed)
     precision = "bf16" if speed.bf16 else ("no" if cfg.mixed_precision == "auto" else cfg.mixed_precision)
     tracking = {"log_with": list(report_to), "project_dir": run_dir / "tracking"} if report_to and run_dir else {}

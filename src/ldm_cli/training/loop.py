@@ -170,7 +170,7 @@ def train(
     run_dir = Path(config.output.dir)
     with StopFlag() as stop:
         check_trackers(lcfg.report_to)
-        accelerator, speed = make_accelerator(tcfg, lcfg.report_to, run_dir)
+        accelerator, speed = make_accelerator(tcfg, config.task_name, lcfg.report_to, run_dir)
         setup_logging(accelerator.is_main_process)
         per_process_batch(tcfg, accelerator.num_processes)  # refuse an uneven batch first
         with run_dir_lock(accelerator, run_dir):

@@ -68,3 +68,24 @@ def test_quality_budget_splits_a_budget_by_the_calibration():
     vae_factor, den_factor = cal.factors(300.0, 0.6)  # the VAE gets 60 % of the 290 s
     assert vae_factor * 1000 * 0.1 == pytest.approx(0.6 * 290)
     assert den_factor * 500 * 0.2 == pytest.approx(0.4 * 290)
+
+
+def test_quality_budget_keys_a_ratio_by_what_auto_resolves_to(tmp_path, monkeypatch):
+    """Spelling out what `auto` means on this CPU is the same speed pair; a CPU where
+    `auto` means bf16 for the VAE makes `mixed_precision = "no"` a different one."""
+    from ldm_cli.training import speed
+
+    q = quality_budget_module()
+    timed: list[str] = []
+    monkeypatch.setattr(q, "update_time_ratio", lambda conf, ref: timed.append(conf.name) or (0.5, 0.25))
+    base = q.Configuration("baseline", "baseline")
+    defaults = q.Configuration("defaults", "defaults", relative_to="baseline")
+    float32 = q.Configuration("fp32", "defaults", vae_set=("train.mixed_precision='no'",), relative_to="baseline")
+    monkeypatch.setattr(speed, "has_native_bf16", lambda device: False)
+    q.cached_ratio(defaults, base, tmp_path)
+    q.cached_ratio(float32, base, tmp_path)
+    assert timed == ["defaults"]
+    monkeypatch.setattr(speed, "has_native_bf16", lambda device: True)
+    q.cached_ratio(defaults, base, tmp_path)
+    q.cached_ratio(float32, base, tmp_path)
+    assert timed == ["defaults", "defaults"]  # auto now means bf16 for the VAE: a new pair; "no" is the old one

@@ -45,12 +45,18 @@ def quality_budget_module():
     return quality_budget
 
 
-def test_quality_budget_measures_a_speed_ratio_once_per_speed_settings(tmp_path, monkeypatch):
+def ratio_counting(monkeypatch):
+    """quality_budget with `update_time_ratio` replaced by one that records whom it timed,
+    the list of those names, and the baseline and defaults configurations."""
     q = quality_budget_module()
     timed: list[str] = []
     monkeypatch.setattr(q, "update_time_ratio", lambda conf, ref: timed.append(conf.name) or (0.5, 0.25))
-    base = q.Configuration("baseline", "baseline")
-    defaults = q.Configuration("defaults", "defaults", relative_to="baseline")
+    return q, timed, q.Configuration("baseline", "baseline"), q.Configuration("defaults", "defaults",
+                                                                             relative_to="baseline")
+
+
+def test_quality_budget_measures_a_speed_ratio_once_per_speed_settings(tmp_path, monkeypatch):
+    q, timed, base, defaults = ratio_counting(monkeypatch)
     same_speed = q.Configuration("beta", "defaults", vae_set=("loss.beta_final=1e-4",), relative_to="baseline")
     other_speed = q.Configuration("b8", "defaults", vae_set=("train.batch_size=8",), relative_to="baseline")
     assert q.cached_ratio(defaults, base, tmp_path) == (0.5, 0.25)
@@ -75,11 +81,7 @@ def test_quality_budget_keys_a_ratio_by_what_auto_resolves_to(tmp_path, monkeypa
     `auto` means bf16 for the VAE makes `mixed_precision = "no"` a different one."""
     from ldm_cli.training import speed
 
-    q = quality_budget_module()
-    timed: list[str] = []
-    monkeypatch.setattr(q, "update_time_ratio", lambda conf, ref: timed.append(conf.name) or (0.5, 0.25))
-    base = q.Configuration("baseline", "baseline")
-    defaults = q.Configuration("defaults", "defaults", relative_to="baseline")
+    q, timed, base, defaults = ratio_counting(monkeypatch)
     float32 = q.Configuration("fp32", "defaults", vae_set=("train.mixed_precision='no'",), relative_to="baseline")
     monkeypatch.setattr(speed, "has_native_bf16", lambda device: False)
     q.cached_ratio(defaults, base, tmp_path)

@@ -108,6 +108,7 @@ def test_bf16_training_runs_the_network_in_bf16_and_its_loss_in_float32(tmp_path
     """Mixed precision casts the model's forward, not the loss: SSIM's local variances
     E[x²] − E[x]² and the KL would lose their digits to bf16 rounding."""
     from ldm_cli.evaluation import image_metrics
+    from ldm_cli.models.vae import Decoder
     from ldm_cli.training import vae_loss
 
     seen = []
@@ -119,7 +120,7 @@ def test_bf16_training_runs_the_network_in_bf16_and_its_loss_in_float32(tmp_path
 
     monkeypatch.setattr(vae_loss, "ssim", recording_ssim)
     outputs = []
-    real_decode = __import__("ldm_cli.models.vae", fromlist=["Decoder"]).Decoder.forward
+    real_decode = Decoder.forward
 
     def recording_decode(self, z):
         out = real_decode(self, z)
@@ -127,7 +128,7 @@ def test_bf16_training_runs_the_network_in_bf16_and_its_loss_in_float32(tmp_path
             outputs.append(out.dtype)
         return out
 
-    monkeypatch.setattr("ldm_cli.models.vae.Decoder.forward", recording_decode)
+    monkeypatch.setattr(Decoder, "forward", recording_decode)
     train_vae(vae_config(tmp_path / "run", 3, "train.mixed_precision='bf16'", "loss.structural='ssim'",
                          "loss.structural_weight=0.1"))
     assert outputs and set(outputs) == {torch.bfloat16}, "the network computes in bf16"

@@ -30,7 +30,8 @@ def make_accelerator(cfg: TrainConfig, model: str, report_to: list[str] = (), ru
                      ) -> tuple[Accelerator, SpeedSettings]:
     """An Accelerator on CUDA when present, else a real (gloo) CPU process group, with
     the speed settings (`ldm_cli.training.speed`) that `auto` resolves to for training
-    `model` ("vae" or "denoiser") on this machine, and the experiment trackers of `report_to` (files under RUN/tracking/)."""
+    `model` ("vae" or "denoiser") on this machine, and the experiment trackers of
+    `report_to` (files under RUN/tracking/)."""
     AcceleratorState._reset_state(reset_partial_state=False)  # allow several runs per process
     on_cuda = torch.cuda.is_available()
     speed = resolve_speed(cfg, on_cuda, model)

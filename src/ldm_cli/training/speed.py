@@ -44,15 +44,16 @@ def _choose(value: str, default: bool) -> bool:
 def resolve_speed(cfg: TrainConfig, on_cuda: bool, model: str, cpu_bf16: bool | None = None) -> SpeedSettings:
     """What `auto` means for training `model` ("vae" or "denoiser") here (see the module
     docstring). `cpu_bf16`: whether the CPU runs bf16 natively (detected when None)."""
+    cpu_bf16_model = not on_cuda and model in CPU_BF16_MODELS
     if on_cuda:
         bf16_auto = torch.cuda.is_bf16_supported()
     else:
-        bf16_auto = model in CPU_BF16_MODELS and (has_native_bf16("cpu") if cpu_bf16 is None else cpu_bf16)
+        bf16_auto = cpu_bf16_model and (has_native_bf16("cpu") if cpu_bf16 is None else cpu_bf16)
     precision = cfg.mixed_precision
     bf16 = precision == "bf16" or (precision == "auto" and bf16_auto)
     return SpeedSettings(
         bf16=bf16,
-        channels_last=_choose(cfg.channels_last, on_cuda or not (bf16 and model in CPU_BF16_MODELS)),
+        channels_last=_choose(cfg.channels_last, not (bf16 and cpu_bf16_model)),  # bf16 VAE on a CPU: NCHW
         tf32=_choose(cfg.tf32, on_cuda),
         compile=_choose(cfg.compile, on_cuda),
     )

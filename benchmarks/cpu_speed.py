@@ -17,6 +17,9 @@
 5. Attention: softmax(q·kᵀ/√d)·v written out against torch's fused kernel, at the
    quickstart model's 16 tokens (training: float32 forward and backward; sampling:
    bfloat16 forward) and at longer sequences: where `models.unet.attention` switches.
+6. The optimiser: one AdamW step over each model's parameters, torch's per-tensor loop
+   against its foreach and fused kernels, and the step's share of a whole update:
+   why `training.optim.make_optimizer` asks for the fused kernel.
 
 Each time is the median of several repeats after a warm-up. No assertions: it prints
 what it measured.
@@ -44,6 +47,7 @@ from ldm_cli.diffusion.sampling import sample_in_batches
 from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.models.unet import SHORT_SEQUENCE, UNet, attention, written_out_attention
 from ldm_cli.models.vae import VAE
+from ldm_cli.training.optim import make_optimizer
 from ldm_cli.training.vae_loss import vae_loss
 
 NUM_IMAGES = 500
@@ -78,7 +82,7 @@ def vae_update(cfg: VAERunConfig, channels_last: bool, compiled: bool, bf16: boo
     torch.manual_seed(0)
     vae = VAE(cfg.model)
     model = prepared(vae, channels_last, compiled)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-4)
+    optimizer = make_optimizer(vae, cfg.optim)  # as training builds it (fused where the config says)
     res = cfg.data.resolution
     x = torch.rand(cfg.train.batch_size, 3, res, res) * 2 - 1
     x = x.to(memory_format=torch.channels_last) if channels_last else x
@@ -97,7 +101,7 @@ def unet_update(cfg: DenoiserRunConfig, channels_last: bool, compiled: bool, bf1
     torch.manual_seed(0)
     unet = UNet(cfg.model)
     model = prepared(unet, channels_last, compiled)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+    optimizer = make_optimizer(unet, cfg.optim)
     m = cfg.model
     z = torch.randn(cfg.train.batch_size, m.latent_channels, m.latent_size, m.latent_size)
     z = z.to(memory_format=torch.channels_last) if channels_last else z
@@ -259,6 +263,39 @@ def attention_table(threads: int, repeats: int) -> None:
         print(f"{name:<44}{1000 * fused:>10.2f}{1000 * written:>16.2f}{fused / written:>8.2f}  {chosen}", flush=True)
 
 
+# --------------------------------------------------------------------------- 6. optimiser
+
+
+def adamw_step_seconds(model: torch.nn.Module, kernel: str, repeats: int) -> float:
+    """Median seconds of one AdamW step (random gradients) with torch's `kernel`."""
+    options = {"per-tensor": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[kernel]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, **options)
+    return median_time(optimizer.step, repeats, warmup=3)
+
+
+def per_tensor(cfg: VAERunConfig | DenoiserRunConfig) -> VAERunConfig | DenoiserRunConfig:
+    """`cfg` with `optim.fused = false`: the update as it ran with torch's per-tensor loop."""
+    return cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"fused": False})})
+
+
+def optimizer_table(vae_cfg: VAERunConfig, den_cfg: DenoiserRunConfig, threads: int, repeats: int) -> None:
+    torch.set_num_threads(threads)
+    print(f"\n6. AdamW step, ms (threads {threads}); share: of a whole update with the per-tensor step "
+          f"(fp32, channels-last)")
+    print(f"{'model':<10}{'tensors':>8}{'per-tensor':>12}{'foreach':>10}{'fused':>8}"
+          f"{'per-tensor / fused':>20}{'share':>8}")
+    for name, model, update in (("VAE", VAE(vae_cfg.model), vae_update(per_tensor(vae_cfg), True, False)),
+                                ("denoiser", UNet(den_cfg.model), unet_update(per_tensor(den_cfg), True, False))):
+        ms = {kernel: 1000 * adamw_step_seconds(model, kernel, repeats * 3)
+              for kernel in ("per-tensor", "foreach", "fused")}
+        update_ms = 1000 * median_time(update, repeats, warmup=3)
+        print(f"{name:<10}{len(list(model.parameters())):>8}{ms['per-tensor']:>12.2f}{ms['foreach']:>10.2f}"
+              f"{ms['fused']:>8.2f}{ms['per-tensor'] / ms['fused']:>20.2f}{ms['per-tensor'] / update_ms:>8.1%}",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vae-config", type=Path, default=packaged_config("quickstart/vae.toml"))
@@ -268,7 +305,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--batches", type=int, nargs="+", default=[50, 125, 250, 500])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["training", "sampling", "flops", "attention"])
+    parser.add_argument("--skip", nargs="*", default=[],
+                        choices=["training", "sampling", "flops", "attention", "optimizer"])
     args = parser.parse_args()
     vae_cfg = load_config(VAERunConfig, args.vae_config, args.vae_set)
     den_cfg = load_config(DenoiserRunConfig, args.den_config, args.den_set)
@@ -282,6 +320,8 @@ def main() -> None:
         flop_table(den_cfg, max(args.threads), args.repeats)
     if "attention" not in args.skip:
         attention_table(max(args.threads), args.repeats)
+    if "optimizer" not in args.skip:
+        optimizer_table(vae_cfg, den_cfg, max(args.threads), args.repeats)
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def train_stage(stage: str, vae_cfg: VAERunConfig, den_cfg: DenoiserRunConfig, v
     return 0.0, timed(train_denoiser, den_cfg, overwrite=True)[1]
 
 
-SPEED_KEYS = ("model", "train.batch_size", "train.grad_accum_steps")  # with the resolved speed settings
+SPEED_KEYS = ("model", "train.batch_size", "train.grad_accum_steps", "optim.fused")  # with the resolved speed settings
 
 
 def speed_settings(config: VAERunConfig | DenoiserRunConfig) -> dict:

@@ -57,13 +57,16 @@ def ratio_counting(monkeypatch):
 
 def test_quality_budget_measures_a_speed_ratio_once_per_speed_settings(tmp_path, monkeypatch):
     q, timed, base, defaults = ratio_counting(monkeypatch)
-    same_speed = q.Configuration("beta", "defaults", vae_set=("loss.beta_final=1e-4",), relative_to="baseline")
+    same_speed = q.Configuration("beta", "defaults", vae_set=("loss.beta_final=3e-4",), relative_to="baseline")
     other_speed = q.Configuration("b8", "defaults", vae_set=("train.batch_size=8",), relative_to="baseline")
     assert q.cached_ratio(defaults, base, tmp_path) == (0.5, 0.25)
     assert q.cached_ratio(same_speed, base, tmp_path) == (0.5, 0.25)  # β does not change an update's cost
     assert timed == ["defaults"]
     q.cached_ratio(other_speed, base, tmp_path)
     assert timed == ["defaults", "b8"]
+    per_tensor = q.Configuration("loop", "defaults", den_set=("optim.fused=false",), relative_to="baseline")
+    q.cached_ratio(per_tensor, base, tmp_path)  # the optimiser's kernel sets an update's cost too
+    assert timed == ["defaults", "b8", "loop"]
 
 
 def test_quality_budget_splits_a_budget_by_the_calibration():

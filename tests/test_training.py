@@ -104,6 +104,49 @@ def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_min_ratio():
     assert learning_rate_factor(110, cfg, 110) == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_first_step_matches_its_closed_form_with_decay_on_weights_only(fused):
+    """One AdamW step from zero moments: m̂ = g and v̂ = g², so
+    θ₁ = θ₀·(1 − lr·λ) − lr·g/(|g| + ε), with λ = weight_decay for weights and 0 for biases;
+    the same with torch's fused kernel (the default on a CPU) and with its per-tensor loop."""
+    from ldm_cli.config import OptimConfig
+    from ldm_cli.training.optim import make_optimizer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 3)
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, adam_eps=1e-3, fused=fused)
+    optimizer = make_optimizer(layer, cfg)
+    assert bool(optimizer.defaults["fused"]) == fused
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    grads = {name: torch.randn_like(p) for name, p in layer.named_parameters()}
+    for name, p in layer.named_parameters():
+        p.grad = grads[name].clone()
+    optimizer.step()
+    for name, decay in (("weight", 0.1), ("bias", 0.0)):
+        g = grads[name]
+        expected = before[name] * (1 - cfg.lr * decay) - cfg.lr * g / (g.abs() + cfg.adam_eps)
+        torch.testing.assert_close(getattr(layer, name).detach(), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("saved_fused, fused", [(False, True), (True, False)])
+def test_a_resumed_optimizer_keeps_the_kernel_its_config_asks_for(saved_fused, fused):
+    """torch's load_state_dict would restore the checkpoint's `fused` flag with its moments."""
+    from ldm_cli.config import OptimConfig
+    from ldm_cli.training.optim import load_optimizer_state, make_optimizer
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(4, 2)
+    saved = make_optimizer(layer, OptimConfig(fused=saved_fused))
+    layer(torch.randn(3, 4)).sum().backward()
+    saved.step()
+    resumed = make_optimizer(layer, OptimConfig(fused=fused))
+    load_optimizer_state(resumed, saved.state_dict())
+    assert [bool(group["fused"]) for group in resumed.param_groups] == [fused, fused]
+    torch.testing.assert_close(resumed.state[layer.weight]["exp_avg"], saved.state[layer.weight]["exp_avg"])
+    resumed.step()  # the moments and the step count work in the other kernel
+    assert float(resumed.state[layer.weight]["step"]) == 2
+
+
 def test_bf16_training_runs_the_network_in_bf16_and_its_loss_in_float32(tmp_path, monkeypatch):
     """Mixed precision casts the model's forward, not the loss: SSIM's local variances
     E[x²] − E[x]² and the KL would lose their digits to bf16 rounding."""

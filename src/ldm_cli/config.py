@@ -86,6 +86,7 @@ class OptimConfig(Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / lr for cosine")
     grad_clip: float = Field(1.0, ge=0.0, description="max global grad norm; 0 disables clipping")
+    fused: bool = Field(True, description="torch's fused AdamW kernel (one pass over all parameters)")
 
 
 class TrainConfig(Section):

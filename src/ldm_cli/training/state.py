@@ -28,6 +28,7 @@ from ldm_cli.models.ema import EMA
 from ldm_cli.models.state_dicts import tensor_mismatches
 from ldm_cli.training import rundir
 from ldm_cli.training.distributed import all_processes_agree, on_main_for_all
+from ldm_cli.training.optim import load_optimizer_state
 
 logger = logging.getLogger("ldm")
 
@@ -223,7 +224,7 @@ def resume_state(
         raise CheckpointError(f"--resume: checkpoint {folder} does not fit this model: {'; '.join(mismatch)}")
     try:
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.load_state_dict(state["ema"])

@@ -145,15 +145,27 @@ def test_train_denoiser_needs_a_vae(tmp_path):
     assert_usage_error(ldm("train-denoiser", "--out", tmp_path / "d"), "--vae")
 
 
+def image_pixels(path) -> torch.Tensor:
+    with Image.open(path) as img:
+        return torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).int()
+
+
 def test_sample_ddim_is_deterministic_and_batch_independent(trained_denoiser, tmp_path):
-    a, b = tmp_path / "a", tmp_path / "b"
+    """Each image's noise comes from its own seed: batches of 5 and of 2 give the same images,
+    bit for bit in float32. In the default precision (bf16 on a CPU that runs it natively)
+    the network's kernels round differently for other batch sizes: a pixel may move by one level."""
     common = ["--checkpoint", trained_denoiser, "--num-samples", 5, "--ddim", "--steps", 8, "--seed", 7]
-    assert ldm("sample", *common, "--batch-size", 5, "--out", a).exit_code == 0
-    result = ldm("sample", *common, "--batch-size", 2, "--trajectory", "--out", b)
-    assert result.exit_code == 0, result.output
-    for i in range(5):
-        name = f"images/{i:06d}.png"
-        assert (a / name).read_bytes() == (b / name).read_bytes()
+    for precision, tolerance in (("fp32", 0), ("auto", 1)):
+        a, b = tmp_path / precision / "a", tmp_path / precision / "b"
+        assert ldm("sample", *common, "--precision", precision, "--batch-size", 5, "--out", a).exit_code == 0
+        result = ldm("sample", *common, "--precision", precision, "--batch-size", 2, "--trajectory", "--out", b)
+        assert result.exit_code == 0, result.output
+        for i in range(5):
+            name = f"images/{i:06d}.png"
+            difference = (image_pixels(a / name) - image_pixels(b / name)).abs()
+            assert difference.max() <= tolerance, (precision, name, difference.max())
+            assert difference.float().mean() < 0.01, (precision, name)
+    a, b = tmp_path / "auto" / "a", tmp_path / "auto" / "b"
     with Image.open(b / "trajectory.png") as img:
         img.verify()
     with Image.open(a / "grid.png") as img:

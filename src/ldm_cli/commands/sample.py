@@ -5,7 +5,9 @@
 The samplers run in the denoiser's normalised latent space
 (`ldm_cli.diffusion.sampling`) and the bundled VAE decodes (`VAEBundle.decode`). Each
 image draws its noise from its own seed, so a seed gives the same images whatever the
-batch size, and memory does not grow with the number of images.
+batch size (bit for bit in float32; in bf16 the network's kernels round differently for
+other batch sizes, which can move a pixel by one level), and memory does not grow with
+the number of images.
 
 Beside the images, `sample.json` records how they were made (the checkpoint's absolute
 path, the sampler, its number of steps and the seed): `ldm evaluate` finds the model

@@ -212,8 +212,9 @@ def sample_in_batches(
     """Yield ``num_samples`` samples in batches of at most ``batch_size``.
 
     Sample i draws all its noise from its own generator, seeded ``seed·1_000_003 + i``,
-    so sample i is the same whatever the batch size, and only one batch is held in
-    memory at a time. ``kwargs`` go to `sample`.
+    so sample i is the same whatever the batch size (up to the model's own rounding, which
+    in bf16 can differ between batch sizes), and only one batch is held in memory at a
+    time. ``kwargs`` go to `sample`.
     """
     check_batch_size(batch_size)
     model = model_in_precision(model, kwargs.get("precision", "fp32"))  # once, not for every batch

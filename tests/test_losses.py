@@ -1,4 +1,4 @@
-"""β schedule, VAE loss parts, image metrics and the v-loss weighting, against closed forms."""
+"""β schedule, VAE loss parts, image metrics, the v-loss weighting and self-conditioning, against closed forms."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import math
 import pytest
 import torch
 
-from ldm_cli.config import VAELossConfig
-from ldm_cli.diffusion.parametrization import min_snr_weight, weighted_mse
+from ldm_cli.config import DiffusionConfig, VAELossConfig
+from ldm_cli.diffusion.parametrization import VPredictionLoss, min_snr_weight, v_target, weighted_mse
+from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.evaluation.image_metrics import ms_ssim, psnr, ssim
 from ldm_cli.training.vae_loss import beta_at, reconstruction_loss
 
@@ -67,3 +68,48 @@ def test_min_snr_weight_is_min_snr_gamma_over_snr_plus_one_and_weights_mse():
     v = torch.zeros(3, 2)
     v_hat = torch.ones(3, 2)
     assert weighted_mse(v_hat, v, torch.tensor([1.0, 0.0, 2.0])).item() == pytest.approx(1.0)
+
+
+class RecordingModel(torch.nn.Module):
+    """v̂ = w·z_t, recording whether each call had gradients on and the estimate it got."""
+
+    self_conditioned = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.calls: list[tuple[bool, torch.Tensor]] = []
+
+    def forward(self, z_t, t, z0_self):
+        self.calls.append((torch.is_grad_enabled(), z0_self.detach().clone()))
+        return self.w * z_t
+
+
+def test_self_conditioning_loss_feeds_the_first_pass_estimate_half_the_time():
+    """Chen et al. 2023: with probability 1/2 a gradient-free first pass gives
+    ẑ0 = α_t·z_t − σ_t·v̂(z_t, t, 0), fed to the second pass; else zeros. The gradient is
+    the second pass's alone."""
+    schedule = NoiseSchedule.from_config(DiffusionConfig(schedule="cosine", timesteps=100))
+    loss_fn = VPredictionLoss(schedule, self_condition=True)
+    model = RecordingModel()
+    torch.manual_seed(0)
+    estimates = 0
+    for _ in range(200):
+        z0, noise, t = torch.randn(4, 2, 3, 3), torch.randn(4, 2, 3, 3), torch.randint(0, 100, (4,))
+        model.calls.clear()
+        loss = loss_fn(model, z0, t, noise)
+        assert [grad for grad, _ in model.calls][-1] is True  # the pass the loss is taken on
+        if len(model.calls) == 2:
+            estimates += 1
+            first_grad, first_input = model.calls[0]
+            assert first_grad is False and torch.count_nonzero(first_input) == 0
+            z_t = schedule.add_noise(z0, t, noise)
+            alpha, sigma = schedule.scalings(t, z_t)
+            torch.testing.assert_close(model.calls[1][1], alpha * z_t - sigma * (0.5 * z_t))
+        else:
+            assert len(model.calls) == 1 and torch.count_nonzero(model.calls[0][1]) == 0
+        model.w.grad = None
+        loss.backward()
+        v_hat = model.w.detach() * schedule.add_noise(z0, t, noise)
+        assert loss.item() == pytest.approx(((v_hat - v_target(schedule, z0, t, noise)) ** 2).mean().item(), rel=1e-5)
+    assert 70 <= estimates <= 130  # Binomial(200, 1/2): mean 100, sd ≈ 7

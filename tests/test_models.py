@@ -345,3 +345,20 @@ def test_convnext_block_computes_its_documented_formula() -> None:
 def test_unet_stores_its_config() -> None:
     cfg = UNetConfig(base_channels=16)
     assert UNet(cfg).cfg is cfg
+
+
+def test_self_conditioned_unet_stacks_its_z0_estimate_on_the_input() -> None:
+    """With self_condition, conv_in takes 2·C channels; no estimate means zeros, and the
+    estimate moves the output. A network built without it refuses an estimate."""
+    torch.manual_seed(0)
+    unet = tiny_unet(self_condition=True, layer_scale_init=1.0).eval()
+    assert unet.self_conditioned and unet.conv_in.in_channels == 2 * unet.cfg.latent_channels
+    z, t = torch.randn(2, 4, 8, 8), torch.tensor([10, 600])
+    torch.testing.assert_close(unet(z, t), unet(z, t, torch.zeros_like(z)))
+    assert relative_difference(unet(z, t, torch.randn_like(z)), unet(z, t)) > 1e-2
+    with pytest.raises(ValueError, match="shape of z_t"):
+        unet(z, t, torch.zeros(2, 4, 4, 4))
+    plain = tiny_unet()
+    assert not plain.self_conditioned and plain.conv_in.in_channels == 4
+    with pytest.raises(ValueError, match="without self_condition"):
+        plain(z, t, torch.zeros_like(z))

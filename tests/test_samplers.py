@@ -488,3 +488,55 @@ def test_samples_do_not_depend_on_batch_size(solver: str, kwargs: dict) -> None:
     own_generator = [torch.Generator().manual_seed(7 * 1_000_003 + 4)]
     alone = sample(oracle, sched, (1, 2), sampler=solver, generator=own_generator, **kwargs)
     assert torch.equal(alone[0], torch.cat(by_3)[4])
+
+
+class SelfConditionedOracle(GaussianOracle):
+    """The Gaussian oracle, taking (and recording) a z0 estimate as a self-conditioned network does."""
+
+    self_conditioned = True
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.estimates: list[torch.Tensor] = []
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, z0_self: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        self.estimates.append(z0_self.clone())
+        return super().__call__(z, t)
+
+
+@pytest.mark.parametrize("solver, precision", [("ddim", "fp32"), ("dpm++2m", "fp32"), ("ddim", "bf16")])
+def test_self_conditioned_model_gets_the_estimate_of_the_step_before(solver: str, precision: str) -> None:
+    """Chen et al. 2023: zeros at the first step, then the ẑ0 the previous step returned —
+    also through the bf16 wrapper. The samples are those of the plain oracle."""
+    sched = NoiseSchedule.create("cosine", 1000)
+    oracle = SelfConditionedOracle(sched, GAUSS_M, GAUSS_S)
+    returned: list[torch.Tensor] = []
+    keep = lambda i, t, z, z0: returned.append(z0.clone())
+    kwargs = {"sampler": solver, "steps": 6, "precision": precision}
+    out = sample(oracle, sched, (5, 2), callback=keep, generator=torch.Generator().manual_seed(1), **kwargs)
+    assert len(oracle.estimates) == 6 and torch.count_nonzero(oracle.estimates[0]) == 0
+    for given, before in zip(oracle.estimates[1:], returned[:-1]):
+        assert torch.equal(given, before)
+    plain = sample(GaussianOracle(sched, GAUSS_M, GAUSS_S), sched, (5, 2), generator=torch.Generator().manual_seed(1),
+                   **kwargs)
+    assert torch.equal(out, plain)
+
+
+def test_ddim_inversion_gives_a_self_conditioned_model_the_estimate_of_the_step_below() -> None:
+    """Going up, a self-conditioned model gets z0 itself first, then ẑ0 = α_n·z_n − σ_n·v̂
+    of the step below (one model call per step without fixed-point iterations)."""
+    sched = NoiseSchedule.create("cosine", 1000)
+    oracle = SelfConditionedOracle(sched, GAUSS_M, GAUSS_S)
+    inputs: list[torch.Tensor] = []
+    recording = lambda z, t, z0_self: inputs.append(z.clone()) or oracle(z, t, z0_self)
+    recording.self_conditioned = True  # type: ignore[attr-defined]
+    z0 = torch.randn(4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z_top = ddim_invert(recording, sched, z0, steps=5, fixed_point_iters=0)
+    assert len(oracle.estimates) == 5 and torch.equal(oracle.estimates[0], z0)
+    up = sampling_timesteps(1000, 5)[::-1]
+    for k in range(1, 5):
+        alpha, sigma = math.sqrt(sched.alpha_bar_at(up[k - 1])), math.sqrt(1 - sched.alpha_bar_at(up[k - 1]))
+        z_n = inputs[k]  # without iterations, step k's input is the latent step k−1 produced
+        v_hat = GaussianOracle(sched, GAUSS_M, GAUSS_S)(inputs[k - 1], torch.full((4,), up[k - 1]))
+        torch.testing.assert_close(oracle.estimates[k], alpha * z_n - sigma * v_hat)
+    assert torch.isfinite(z_top).all()

@@ -177,6 +177,8 @@ class UNetConfig(Section):
     mlp_ratio: int = Field(4, gt=0)
     layer_scale_init: float = Field(1e-6, gt=0.0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    self_condition: bool = Field(
+        False, description="also feed the network its previous estimate of z0 (Chen et al. 2023, self-conditioning)")
 
     @model_validator(mode="after")
     def _levels_fit(self) -> "UNetConfig":

@@ -52,11 +52,15 @@ class TrajectoryRecorder:
         self.z0_hat: list[torch.Tensor] = []
         self.active = True
 
-    def __call__(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    @property
+    def self_conditioned(self) -> bool:
+        return bool(getattr(self.model, "self_conditioned", False))
+
+    def __call__(self, z: torch.Tensor, t: torch.Tensor, *estimate: torch.Tensor) -> torch.Tensor:
         if self.active and self.step in self.keep:
             self.timesteps.append(int(t[0]))
             self.z_t.append(z[: self.count].detach().clone())
-        return self.model(z, t)
+        return self.model(z, t, *estimate)
 
     def callback(self, i: int, t: int, z: torch.Tensor, z0_hat: torch.Tensor) -> None:
         if self.active and self.step in self.keep:

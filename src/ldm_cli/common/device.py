@@ -56,11 +56,11 @@ class InferenceModel:
     """A network prepared for sampling: it computes in `precision` (compiled or not) and
     takes and returns the dtype of z. `model_in_precision` makes one."""
 
-    def __init__(self, call: Callable[[Tensor, Tensor], Tensor], precision: str) -> None:
-        self.call, self.precision = call, precision
+    def __init__(self, call: Callable[..., Tensor], precision: str, self_conditioned: bool = False) -> None:
+        self.call, self.precision, self.self_conditioned = call, precision, self_conditioned
 
-    def __call__(self, z: Tensor, t: Tensor) -> Tensor:
-        return self.call(z, t)
+    def __call__(self, z: Tensor, t: Tensor, *estimate: Tensor) -> Tensor:
+        return self.call(z, t, *estimate)
 
 
 def model_in_precision(model: Callable[[Tensor, Tensor], Tensor], precision: str,
@@ -81,12 +81,13 @@ def model_in_precision(model: Callable[[Tensor, Tensor], Tensor], precision: str
     """
     if isinstance(model, InferenceModel) and model.precision == precision:
         return model
+    self_conditioned = bool(getattr(model, "self_conditioned", False))
     if not isinstance(model, nn.Module):
         if compile:
             raise UsageError("only a network (torch.nn.Module) can be compiled for sampling")
         if precision != "bf16":
             return model
-        return InferenceModel(_under_autocast(model), precision)
+        return InferenceModel(_under_autocast(model), precision, self_conditioned)
     if precision != "bf16" and not compile:
         return model
     module = copy.deepcopy(getattr(model, "_orig_mod", model)).eval()  # a compiled wrapper cannot be copied
@@ -95,15 +96,15 @@ def model_in_precision(model: Callable[[Tensor, Tensor], Tensor], precision: str
     if compile:
         network = _compiled_frozen(network)
 
-    def call(z: Tensor, t: Tensor) -> Tensor:
-        return network(z.to(dtype), t).to(z.dtype)
-    return InferenceModel(call, precision)
+    def call(z: Tensor, t: Tensor, *estimate: Tensor) -> Tensor:
+        return network(z.to(dtype), t, *(e.to(dtype) for e in estimate)).to(z.dtype)
+    return InferenceModel(call, precision, self_conditioned)
 
 
-def _under_autocast(model: Callable[[Tensor, Tensor], Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-    def call(z: Tensor, t: Tensor) -> Tensor:
+def _under_autocast(model: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    def call(z: Tensor, t: Tensor, *estimate: Tensor) -> Tensor:
         with model_autocast(z.device, "bf16"):
-            return model(z, t).to(z.dtype)
+            return model(z, t, *estimate).to(z.dtype)
     return call
 
 
@@ -114,12 +115,12 @@ def _compiled_frozen(network: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
 
     compiled = torch.compile(network)
 
-    def call(z: Tensor, t: Tensor) -> Tensor:
+    def call(z: Tensor, t: Tensor, *estimate: Tensor) -> Tensor:
         with torch.inference_mode():  # always inference tensors, as at the first call: no recompilation
-            z, t = z.clone(), t.clone()
+            z, t, estimate = z.clone(), t.clone(), tuple(e.clone() for e in estimate)
         try:
             with inductor_config.patch(freezing=True):
-                return compiled(z, t)
+                return compiled(z, t, *estimate)
         except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no C++ compiler for inductor on a CPU
             reason = (str(error.inner_exception).strip().splitlines() or [type(error.inner_exception).__name__])[0]
             raise LdmError(f"--compile: torch.compile could not compile the network ({reason}); "

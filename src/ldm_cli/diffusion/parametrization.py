@@ -87,20 +87,36 @@ def weighted_mse(v_hat: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) ->
     return (weights * per_sample).mean()
 
 
+SELF_CONDITION_RATE = 0.5  # share of updates that feed the network its own estimate (Chen et al. 2023)
+
+
 class VPredictionLoss:
     """``L = E_t[w(t)·‖v̂(z_t, t) − v_t‖²]`` with ``z_t = α_t·z0 + σ_t·ε`` (docs/MATH.md, §3).
 
     In the manner of EDM's loss classes: built from the schedule and the weighting,
     called with the model and a batch of clean latents, timesteps and noise.
+
+    With ``self_condition`` the network also takes an estimate of z0 (Chen et al. 2023,
+    "Analog Bits", §3): on a share SELF_CONDITION_RATE of the updates it is the network's
+    own ẑ0 from a first pass without gradient, ``ẑ0 = α_t·z_t − σ_t·v̂(z_t, t, 0)``, else
+    zeros; the loss is that of the second pass, ``v̂(z_t, t, sg(ẑ0))``.
     """
 
-    def __init__(self, schedule: NoiseSchedule, min_snr_gamma: float | None = None):
-        self.schedule, self.min_snr_gamma = schedule, min_snr_gamma
+    def __init__(self, schedule: NoiseSchedule, min_snr_gamma: float | None = None, self_condition: bool = False):
+        self.schedule, self.min_snr_gamma, self.self_condition = schedule, min_snr_gamma, self_condition
 
     def weight(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return min_snr_weight(self.schedule.snr(t).to(like), self.min_snr_gamma)
 
+    def self_estimate(self, model: nn.Module, z_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The z0 estimate fed to a self-conditioned network: its own first guess, or zeros."""
+        if torch.rand(()) >= SELF_CONDITION_RATE:
+            return torch.zeros_like(z_t)
+        with torch.no_grad():
+            v_first = model(z_t, t, torch.zeros_like(z_t))
+        return predict_z0_eps(self.schedule, z_t, t, v_first.to(z_t.dtype))[0]
+
     def __call__(self, model: nn.Module, z0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         z_t = self.schedule.add_noise(z0, t, noise)
-        v_hat = model(z_t, t)
+        v_hat = model(z_t, t, self.self_estimate(model, z_t, t)) if self.self_condition else model(z_t, t)
         return weighted_mse(v_hat, v_target(self.schedule, z0, t, noise), self.weight(t, z0))

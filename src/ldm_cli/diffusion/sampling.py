@@ -7,7 +7,10 @@ images whatever the batch size. `forward_noise` and `ddim_invert` take a clean l
 the other way, to a timestep t (docs/MATH.md, §5).
 
 A model is any callable ``model(z_t, t) -> v̂`` with ``z_t`` of shape (B, …) and ``t`` a
-LongTensor of shape (B,).
+LongTensor of shape (B,). A self-conditioned one (an attribute ``self_conditioned`` that
+is true, as `ldm_cli.models.unet.UNet` with ``self_condition``) is called
+``model(z_t, t, ẑ0)`` with the clean-latent estimate of the step before, zeros at the
+first step (Chen et al. 2023; docs/MATH.md, §3).
 """
 
 from __future__ import annotations
@@ -34,6 +37,19 @@ NOISE_CHUNK_ELEMENTS = 8192  # ... but at most this many numbers per sample (32 
 
 
 # --------------------------------------------------------------------------- noise
+
+
+def is_self_conditioned(model: Model) -> bool:
+    return bool(getattr(model, "self_conditioned", False))
+
+
+def predict_v(model: Model, z: torch.Tensor, t: int, z0_before: torch.Tensor | None) -> torch.Tensor:
+    """v̂ = model(z_t, t) at one timestep for the whole batch, in z's dtype; a self-conditioned
+    model also gets ``z0_before``, the estimate of z0 from the step before (None: zeros)."""
+    t_batch = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
+    if not is_self_conditioned(model):
+        return model(z, t_batch).to(z.dtype)
+    return model(z, t_batch, torch.zeros_like(z) if z0_before is None else z0_before).to(z.dtype)
 
 
 def _per_sample_generators(generator: Generators) -> list[torch.Generator] | None:
@@ -190,7 +206,7 @@ def sample(
     v_model = model_in_precision(model, precision)
     with torch.inference_mode():
         for i, (t, t_next) in enumerate(zip(timesteps, timesteps[1:] + [-1])):
-            v_hat = v_model(z, torch.full((shape[0],), t, dtype=torch.long, device=device)).to(dtype)
+            v_hat = predict_v(v_model, z, t, previous[1] if previous is not None else None)
             step_noise = noise.draw() if spec.is_stochastic(eta) and t_next >= 0 else None
             options = spec.options(eta, step_noise, previous)
             z, z0_hat = spec.step(schedule, z, t, t_next, v_hat, clip_limit=clip_limit, **options)
@@ -255,6 +271,10 @@ def ddim_invert(
     z_n; for a model whose v̂ changes about as fast as its input the map contracts by
     about tan|φ_t − φ_n|, so two iterations bring the round trip to about 1e-5 at 100
     steps (1.6e-5 measured on the Gaussian oracle). Model calls: steps·(1 + iterations).
+
+    A self-conditioned model gets the z0 estimate of the step below (z0 itself at the
+    first step), ẑ0 = cos φ_n·z_n − sin φ_n·v̂; the chain down feeds the one of the step
+    above instead, so for such a model the round trip holds only as far as the two agree.
     """
     t_start = schedule.timesteps - 1 if t_start is None else t_start
     if not 0 <= t_start < schedule.timesteps:
@@ -262,15 +282,16 @@ def ddim_invert(
     timesteps = sampling_timesteps(t_start + 1, steps, spacing)[::-1]
     z = z0
     phi_t = 0.0  # the clean latent: ᾱ = 1
+    z0_estimate = z0  # what a self-conditioned model is given
     with torch.inference_mode():
         for t_next in timesteps:
-            t_batch = torch.full((z.shape[0],), t_next, dtype=torch.long, device=z.device)
             alpha_bar_next = schedule.alpha_bar_at(t_next)
             phi_next = math.atan2(math.sqrt(1.0 - alpha_bar_next), math.sqrt(alpha_bar_next))
             sin_d, cos_d = math.sin(phi_t - phi_next), math.cos(phi_t - phi_next)
             z_next = z
             for _ in range(1 + fixed_point_iters):
-                v_hat = model(z_next, t_batch).to(z.dtype)
+                v_hat = predict_v(model, z_next, t_next, z0_estimate)
                 z_next = (z - sin_d * v_hat) / cos_d
+            z0_estimate = math.cos(phi_next) * z_next - math.sin(phi_next) * v_hat
             z, phi_t = z_next, phi_next
     return z

@@ -10,7 +10,7 @@ shifted by amounts computed from an embedding of t.
 
 Layout (ch_i = base_channels·channel_mults[i], L = number of levels):
 
-    conv_in 3×3 (latent_channels → ch_0)
+    conv_in 3×3 (latent_channels → ch_0; 2·latent_channels with self-conditioning, below)
     encoder level i:  blocks_per_level × ConvNeXtBlock(ch_i) [→ SelfAttention if i ∈ attention_levels]
                       save skip_i; LevelDownsample(ch_i → ch_{i+1}) unless i = L−1
     middle:           ConvNeXtBlock → [SelfAttention if L−1 ∈ attention_levels] → ConvNeXtBlock
@@ -19,6 +19,12 @@ Layout (ch_i = base_channels·channel_mults[i], L = number of levels):
                       concat skip_i, 1×1 conv (2·ch_i → ch_i)
                       blocks_per_level × ConvNeXtBlock(ch_i) [→ SelfAttention if i ∈ attention_levels]
     LayerNorm → conv_out 3×3 (ch_0 → latent_channels)
+
+Self-conditioning (Chen, Zhang & Hinton 2023, "Analog Bits", §3; docs/MATH.md, §3): with
+`self_condition`, conv_in also takes a previous estimate ẑ0 of the clean latent, stacked
+on z_t, so v̂ = UNet(z_t, t, ẑ0). Training feeds zeros half the time and otherwise the
+network's own (gradient-free) estimate from a first pass; sampling feeds the ẑ0 of the
+step before (zeros at the first step).
 
 Channel changes happen in the resampling convs (as ConvNeXt's own downsampling layers
 do), so no separate 1×1 projection is needed inside a level.
@@ -279,7 +285,9 @@ class UNet(nn.Module):
         attends = [level in cfg.attention_levels for level in range(levels)]
 
         self.time_embed = TimestepEmbedder(cfg.base_channels, cond_dim)
-        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[0], 3, padding=1)
+        self.self_conditioned = cfg.self_condition
+        in_channels = 2 * cfg.latent_channels if cfg.self_condition else cfg.latent_channels
+        self.conv_in = nn.Conv2d(in_channels, widths[0], 3, padding=1)
 
         self.encoder = nn.ModuleList(
             EncoderLevel(
@@ -304,9 +312,10 @@ class UNet(nn.Module):
         self.norm_out = ChannelLayerNorm(widths[0])
         self.conv_out = nn.Conv2d(widths[0], cfg.latent_channels, 3, padding=1)
 
-    def forward(self, z_t: Tensor, t: Tensor) -> Tensor:
-        """z_t: (B, latent_channels, H, W) noisy latents; t: (B,) timesteps (int or float).
-        Returns v̂ with the shape of z_t."""
+    def forward(self, z_t: Tensor, t: Tensor, z0_self: Tensor | None = None) -> Tensor:
+        """z_t: (B, latent_channels, H, W) noisy latents; t: (B,) timesteps (int or float);
+        z0_self: a previous estimate of z0, shaped as z_t, for a self-conditioned network
+        (None: zeros, "no estimate yet"). Returns v̂ with the shape of z_t."""
         multiple = 2 ** (self.levels - 1)
         if z_t.ndim != 4 or z_t.shape[1] != self.cfg.latent_channels or z_t.shape[-2] % multiple or z_t.shape[-1] % multiple:
             raise ValueError(
@@ -315,7 +324,7 @@ class UNet(nn.Module):
             )
         cond = self.time_embed(t.reshape(-1).expand(z_t.shape[0]))
 
-        h = self.conv_in(z_t)
+        h = self.conv_in(self.network_input(z_t, z0_self))
         skips: list[Tensor] = []
         for encoder_level in self.encoder:
             h, skip = encoder_level(h, cond)
@@ -324,3 +333,15 @@ class UNet(nn.Module):
         for decoder_level in self.decoder:
             h = decoder_level(h, skips.pop(), cond)
         return self.conv_out(self.norm_out(h))
+
+    def network_input(self, z_t: Tensor, z0_self: Tensor | None) -> Tensor:
+        """z_t, with the self-conditioning estimate stacked on its channels when the network takes one."""
+        if not self.self_conditioned:
+            if z0_self is not None:
+                raise ValueError("this UNet was built without self_condition; it takes no z0 estimate")
+            return z_t
+        if z0_self is None:
+            z0_self = torch.zeros_like(z_t)
+        elif z0_self.shape != z_t.shape:
+            raise ValueError(f"z0_self must have the shape of z_t {tuple(z_t.shape)}, got {tuple(z0_self.shape)}")
+        return torch.cat([z_t, z0_self.to(z_t.dtype)], dim=1)

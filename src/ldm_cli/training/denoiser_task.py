@@ -81,7 +81,7 @@ def build_denoiser_task(config: DenoiserRunConfig, vae: VAEBundle, accelerator: 
     latents = vae.with_stats(stats)  # encodes to, and decodes from, the denoiser's latent space
 
     schedule = NoiseSchedule.from_config(config.diffusion)
-    v_loss = VPredictionLoss(schedule, config.diffusion.min_snr_gamma)
+    v_loss = VPredictionLoss(schedule, config.diffusion.min_snr_gamma, config.model.self_condition)
     flip = config.data.flip
 
     def clean_latents(batch: torch.Tensor) -> torch.Tensor:

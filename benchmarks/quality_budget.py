@@ -190,12 +190,20 @@ def train_stage(stage: str, vae_cfg: VAERunConfig, den_cfg: DenoiserRunConfig, v
 
 
 SPEED_KEYS = ("model", "train.batch_size", "train.grad_accum_steps", "optim.fused")  # with the resolved speed settings
+COST_NEUTRAL_MODEL_KEYS = ("layer_scale_init",)  # an initial value: the same operations, so the same updates
+KEYED_ONLY_WHEN_ON = ("self_condition",)  # options newer than the cached ratios: while off, not in the key
 
 
 def speed_settings(config: VAERunConfig | DenoiserRunConfig) -> dict:
     """What sets the cost of an update: the model, the batch and the speed settings that
     training resolves on this CPU (so a change of what `auto` means is a new pair to time)."""
     dumped = config.model_dump(mode="json")
+    for key in COST_NEUTRAL_MODEL_KEYS:  # timed as at their default, so a ratio already measured still applies
+        if key in dumped["model"]:
+            dumped["model"][key] = type(config.model).model_fields[key].default
+    for key in KEYED_ONLY_WHEN_ON:
+        if not dumped["model"].get(key, True):
+            del dumped["model"][key]
     chosen = {key: dumped[key] if "." not in key else dumped[key.split(".")[0]][key.split(".")[1]] for key in SPEED_KEYS}
     return chosen | asdict(resolve_speed(config.train, on_cuda=False, model=config.task_name))
 

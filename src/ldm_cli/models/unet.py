@@ -101,7 +101,8 @@ class ConvNeXtBlock(nn.Module):
         out = x + dropout(γ ⊙ h)                        γ: per-channel layer scale
 
     γ starts at `layer_scale_init` (1e-6 by default, as in ConvNeXt) so that a deep stack
-    starts close to the identity. The scale/shift projection keeps PyTorch's default
+    starts close to the identity; CaiT (Touvron et al. 2021, §3) starts networks of up to
+    18 blocks at 0.1, as the quickstart config does. The scale/shift projection keeps PyTorch's default
     (non-zero) initialisation, unlike DiT's adaLN-Zero: zeroing it would make the
     gradient of the timestep MLP exactly zero at the first step.
     """

@@ -137,7 +137,7 @@ def main() -> int:
     unet = UNet(den_cfg.model).to(device, memory_format=memory_format)
     unet_step_model = torch.compile(unet) if settings.compile else unet
     schedule = NoiseSchedule.from_config(den_cfg.diffusion)
-    v_loss = VPredictionLoss(schedule)  # plain v-MSE: min-SNR weighting costs nothing measurable
+    v_loss = VPredictionLoss(schedule, self_condition=den_cfg.model.self_condition)  # plain v-MSE: min-SNR costs nothing
     opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     cache_batch = torch.randn(args.denoiser_batch, 2, *latent_shape, device=device).abs()
 

@@ -106,7 +106,7 @@ class Trainer:
         self.optimizer = make_optimizer(s.unet, s.den.optim)
         self.ema = EMA(s.unet, s.den.train.ema_decay) if s.den.train.ema_decay > 0 else None
         self.clip = max_grad_norm(s.den.optim)
-        self.v_loss = VPredictionLoss(s.schedule, s.den.diffusion.min_snr_gamma)
+        self.v_loss = VPredictionLoss(s.schedule, s.den.diffusion.min_snr_gamma, s.den.model.self_condition)
         seed = s.den.train.seed
         self.orders = {
             "cache": BatchOrder(len(s.cache), s.batch, 1, 1, 0, seed),

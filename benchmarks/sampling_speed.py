@@ -36,14 +36,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from ldm_cli.commands.evaluate_faces import faces_config
 from ldm_cli.commands.study_measure import Setting, decoded_uint8, timed_latents, warm_up
 from ldm_cli.common.device import model_in_precision
-from ldm_cli.diffusion.sampling import sample
+from ldm_cli.diffusion.sampling import predict_v, sample
 from ldm_cli.evaluation.face_quality import load_face_network, load_or_build_reference, score_faces
 from ldm_cli.modelfiles.bundles import DenoiserBundle, load_denoiser
 
 NUM_IMAGES = 500
 BATCH = 250
 SETTINGS = (Setting("ddim", 50), Setting("dpm++2m", 20))
-Model = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Model = Callable[..., torch.Tensor]
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -56,15 +56,14 @@ def prepared(bundle: DenoiserBundle, precision: str, compiled: bool) -> tuple[Mo
     """The network as `ldm sample` runs it, and the seconds its first call took (compilation)."""
     model = model_in_precision(bundle.unet, precision, compile=compiled)
     with torch.inference_mode():  # as `sample` calls it: inference tensors, or torch.compile compiles again
-        z, t = torch.randn(BATCH, *bundle.latent_shape), torch.full((BATCH,), 999, dtype=torch.long)
-        first = timed(lambda: model(z, t))
+        z = torch.randn(BATCH, *bundle.latent_shape)
+        first = timed(lambda: predict_v(model, z, 999, None))
     return model, first
 
 
 def overhead_ratio(model: Model, precision: str, bundle: DenoiserBundle, setting: Setting, repeats: int = 3) -> float:
     """min time of a batch's reverse chain / min time of its model calls alone, in alternation."""
     z = torch.randn(BATCH, *bundle.latent_shape)
-    t = torch.full((BATCH,), 500, dtype=torch.long)
 
     def chain() -> None:
         sample(model, bundle.schedule, (BATCH, *bundle.latent_shape), sampler=setting.sampler,
@@ -73,7 +72,7 @@ def overhead_ratio(model: Model, precision: str, bundle: DenoiserBundle, setting
     def calls() -> None:
         with torch.inference_mode():
             for _ in range(setting.steps):
-                model(z, t)
+                predict_v(model, z, 500, z)  # as `sample` calls it (a self-conditioned model also takes a z0)
 
     chains, models = [], []
     for _ in range(repeats):

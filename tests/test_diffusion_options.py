@@ -84,9 +84,13 @@ def test_a_self_conditioned_denoiser_trains_exports_and_samples(tmp_path, traine
         losses = [float(row["loss"]) for row in csv.DictReader(f) if row.get("loss")]
     bundle = load_denoiser(out / "denoiser.safetensors")
     assert bundle.unet.self_conditioned and bundle.unet.conv_in.in_channels == 2 * bundle.unet.cfg.latent_channels
-    run_sample(out / "denoiser.safetensors", tmp_path / "samples", num_samples=3, sampler="ddim", steps=5,
-               trajectory=True, device=torch.device("cpu"))
-    assert len(list((tmp_path / "samples" / "images").glob("*.png"))) == 3
+    for trajectory in (True, False):  # recording the reverse process must not change what the model is given
+        run_sample(out / "denoiser.safetensors", tmp_path / f"samples-{trajectory}", num_samples=3, sampler="ddim",
+                   steps=5, trajectory=trajectory, device=torch.device("cpu"), precision="fp32")
+    with_trajectory = sorted((tmp_path / "samples-True" / "images").glob("*.png"))
+    assert len(with_trajectory) == 3
+    for png in with_trajectory:
+        assert png.read_bytes() == (tmp_path / "samples-False" / "images" / png.name).read_bytes()
     face = tmp_path / "face.png"
     draw_face(3, 16).save(face)
     run_reimagine(out / "denoiser.safetensors", face, tmp_path / "reimagined", strengths=[0.5], steps=4,

@@ -522,6 +522,18 @@ def test_self_conditioned_model_gets_the_estimate_of_the_step_before(solver: str
     assert torch.equal(out, plain)
 
 
+def test_wrappers_keep_a_model_self_conditioned() -> None:
+    """What `ldm sample --trajectory` stacks (recorder in an InferenceModel) still passes the estimate."""
+    from ldm_cli.commands.trajectory import TrajectoryRecorder
+    from ldm_cli.common.device import InferenceModel, model_in_precision
+
+    oracle = SelfConditionedOracle(NoiseSchedule.create("cosine", 1000), GAUSS_M, GAUSS_S)
+    for precision in ("fp32", "bf16"):
+        wrapped = InferenceModel(TrajectoryRecorder(model_in_precision(oracle, precision), {0}, 1), precision)
+        assert wrapped.self_conditioned
+    assert not InferenceModel(GaussianOracle(NoiseSchedule.create("cosine", 10), GAUSS_M, GAUSS_S), "fp32").self_conditioned
+
+
 def test_ddim_inversion_gives_a_self_conditioned_model_the_estimate_of_the_step_below() -> None:
     """Going up, a self-conditioned model gets z0 itself first, then ẑ0 = α_n·z_n − σ_n·v̂
     of the step below (one model call per step without fixed-point iterations)."""

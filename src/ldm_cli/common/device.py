@@ -56,16 +56,18 @@ class InferenceModel:
     """A network prepared for sampling: it computes in `precision` (compiled or not) and
     takes and returns the dtype of z. `model_in_precision` makes one."""
 
-    def __init__(self, call: Callable[..., Tensor], precision: str, self_conditioned: bool = False) -> None:
+    def __init__(self, call: Callable[..., Tensor], precision: str, self_conditioned: bool | None = None) -> None:
+        """``self_conditioned``: whether `call` takes a z0 estimate (None: as `call` itself says)."""
+        if self_conditioned is None:
+            self_conditioned = bool(getattr(call, "self_conditioned", False))
         self.call, self.precision, self.self_conditioned = call, precision, self_conditioned
 
     def __call__(self, z: Tensor, t: Tensor, *estimate: Tensor) -> Tensor:
         return self.call(z, t, *estimate)
 
 
-def model_in_precision(model: Callable[[Tensor, Tensor], Tensor], precision: str,
-                       compile: bool = False) -> Callable[[Tensor, Tensor], Tensor]:
-    """`model` as a function (z, t) → output that computes in `precision` and returns the dtype of z.
+def model_in_precision(model: Callable[..., Tensor], precision: str, compile: bool = False) -> Callable[..., Tensor]:
+    """`model` as a function (z, t[, z0 estimate]) → output that computes in `precision` and returns the dtype of z.
 
     For "bf16" a network (an `nn.Module`) is copied once with bfloat16 weights, so every call
     runs natively in bf16 and nothing is cast per call: autocast instead casts the weights
@@ -108,7 +110,7 @@ def _under_autocast(model: Callable[..., Tensor]) -> Callable[..., Tensor]:
     return call
 
 
-def _compiled_frozen(network: nn.Module) -> Callable[[Tensor, Tensor], Tensor]:
+def _compiled_frozen(network: nn.Module) -> Callable[..., Tensor]:
     """torch.compile with inductor's `freezing` on at every call, so that recompilations (a
     new batch size) freeze the weights too; `options={"freezing": True}` does not reach it."""
     import torch._inductor.config as inductor_config

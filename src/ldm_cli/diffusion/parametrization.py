@@ -97,7 +97,7 @@ class VPredictionLoss:
     called with the model and a batch of clean latents, timesteps and noise.
 
     With ``self_condition`` the network also takes an estimate of z0 (Chen et al. 2023,
-    "Analog Bits", §3): on a share SELF_CONDITION_RATE of the updates it is the network's
+    "Analog Bits", §3): on a share SELF_CONDITION_RATE of the batches (one draw per call) it is the network's
     own ẑ0 from a first pass without gradient, ``ẑ0 = α_t·z_t − σ_t·v̂(z_t, t, 0)``, else
     zeros; the loss is that of the second pass, ``v̂(z_t, t, sg(ẑ0))``.
     """

@@ -273,8 +273,10 @@ def ddim_invert(
     steps (1.6e-5 measured on the Gaussian oracle). Model calls: steps·(1 + iterations).
 
     A self-conditioned model gets the z0 estimate of the step below (z0 itself at the
-    first step), ẑ0 = cos φ_n·z_n − sin φ_n·v̂; the chain down feeds the one of the step
-    above instead, so for such a model the round trip holds only as far as the two agree.
+    first step), ẑ0 = cos φ_n·z_n − sin φ_n·v̂ with the last iterate z_n and the v̂ that
+    produced it (the same iterate once the iteration has converged); the chain down feeds
+    the one of the step above instead, so for such a model the round trip holds only as
+    far as the two agree.
     """
     t_start = schedule.timesteps - 1 if t_start is None else t_start
     if not 0 <= t_start < schedule.timesteps:

@@ -264,7 +264,8 @@ class DecoderLevel(nn.Module):
 
 
 class UNet(nn.Module):
-    """v-prediction network v̂ = UNet(z_t, t) for latent diffusion (see the module docstring).
+    """v-prediction network v̂ = UNet(z_t, t), or UNet(z_t, t, ẑ0) with `self_condition`, for
+    latent diffusion (see the module docstring).
 
     Works for any latent side divisible by 2**(levels−1); `cfg.latent_size` is what
     the training code feeds it, not a limit baked into the weights.

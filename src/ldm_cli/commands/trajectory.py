@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from ldm_cli.common.device import is_self_conditioned
 from ldm_cli.common.files import atomic_write
 from ldm_cli.common.pictures import image_grid, save_grid
 from ldm_cli.modelfiles.bundles import VAEBundle
@@ -54,7 +55,7 @@ class TrajectoryRecorder:
 
     @property
     def self_conditioned(self) -> bool:
-        return bool(getattr(self.model, "self_conditioned", False))
+        return is_self_conditioned(self.model)
 
     def __call__(self, z: torch.Tensor, t: torch.Tensor, *estimate: torch.Tensor) -> torch.Tensor:
         if self.active and self.step in self.keep:

@@ -52,14 +52,19 @@ def model_autocast(device: torch.device | str, precision: str) -> AbstractContex
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
+def is_self_conditioned(model: Callable[..., Tensor]) -> bool:
+    """Whether `model` takes a z0 estimate as a third input (`UNet` with `self_condition`, or a
+    wrapper of one that says so; docs/MATH.md, §3)."""
+    return bool(getattr(model, "self_conditioned", False))
+
+
 class InferenceModel:
     """A network prepared for sampling: it computes in `precision` (compiled or not) and
     takes and returns the dtype of z. `model_in_precision` makes one."""
 
     def __init__(self, call: Callable[..., Tensor], precision: str, self_conditioned: bool | None = None) -> None:
         """``self_conditioned``: whether `call` takes a z0 estimate (None: as `call` itself says)."""
-        if self_conditioned is None:
-            self_conditioned = bool(getattr(call, "self_conditioned", False))
+        self_conditioned = is_self_conditioned(call) if self_conditioned is None else self_conditioned
         self.call, self.precision, self.self_conditioned = call, precision, self_conditioned
 
     def __call__(self, z: Tensor, t: Tensor, *estimate: Tensor) -> Tensor:
@@ -83,7 +88,7 @@ def model_in_precision(model: Callable[..., Tensor], precision: str, compile: bo
     """
     if isinstance(model, InferenceModel) and model.precision == precision:
         return model
-    self_conditioned = bool(getattr(model, "self_conditioned", False))
+    self_conditioned = is_self_conditioned(model)
     if not isinstance(model, nn.Module):
         if compile:
             raise UsageError("only a network (torch.nn.Module) can be compiled for sampling")

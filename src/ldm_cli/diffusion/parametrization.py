@@ -87,7 +87,7 @@ def weighted_mse(v_hat: torch.Tensor, v: torch.Tensor, weights: torch.Tensor) ->
     return (weights * per_sample).mean()
 
 
-SELF_CONDITION_RATE = 0.5  # share of updates that feed the network its own estimate (Chen et al. 2023)
+SELF_CONDITION_RATE = 0.5  # share of batches that feed the network its own estimate (Chen et al. 2023)
 
 
 class VPredictionLoss:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ldm_cli.common.device import model_in_precision
+from ldm_cli.common.device import is_self_conditioned, model_in_precision
 from ldm_cli.diffusion import DEFAULT_STEPS
 from ldm_cli.diffusion.parametrization import alpha_sigma
 from ldm_cli.diffusion.samplers import SAMPLERS, check_batch_size, check_sampler_args, sampling_timesteps
@@ -37,10 +37,6 @@ NOISE_CHUNK_ELEMENTS = 8192  # ... but at most this many numbers per sample (32 
 
 
 # --------------------------------------------------------------------------- noise
-
-
-def is_self_conditioned(model: Model) -> bool:
-    return bool(getattr(model, "self_conditioned", False))
 
 
 def predict_v(model: Model, z: torch.Tensor, t: int, z0_before: torch.Tensor | None) -> torch.Tensor:

@@ -51,7 +51,7 @@ done
 gpus_here() {
     if [[ -n "${SLURM_GPUS_ON_NODE:-}" ]]; then
         echo "$SLURM_GPUS_ON_NODE"
-    elif [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+    elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then  # set and empty: no GPUs
         local ids
         IFS=, read -ra ids <<< "$CUDA_VISIBLE_DEVICES"
         echo "${#ids[@]}"

@@ -43,9 +43,10 @@ def torchrun() -> list[str]:
 
 
 def launch_env(cache: Path, home: Path) -> dict[str, str]:
-    """The test's image cache, one thread per process, no user accelerate config, unwrapped lines."""
+    """The test's image cache, one thread per process, no user accelerate config, unwrapped lines,
+    no GPUs (the group under test is the gloo CPU one, also on a machine with one GPU)."""
     return {**os.environ, "LDM_CACHE_DIR": str(cache), "HF_HOME": str(home), "OMP_NUM_THREADS": "1",
-            "COLUMNS": "400"}
+            "COLUMNS": "400", "CUDA_VISIBLE_DEVICES": ""}
 
 
 def run_ldm(launcher: list[str], args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

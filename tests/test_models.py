@@ -362,3 +362,13 @@ def test_self_conditioned_unet_stacks_its_z0_estimate_on_the_input() -> None:
     assert not plain.self_conditioned and plain.conv_in.in_channels == 4
     with pytest.raises(ValueError, match="without self_condition"):
         plain(z, t, torch.zeros_like(z))
+
+
+def test_the_vae_compiles_with_dynamic_shapes():
+    """torch.compile traces a changing batch or size as symbols; on a GPU, where training
+    compiles by default, `randn(shape)` of a symbolic shape stopped the first update."""
+    vae = tiny_vae([1, 2])
+    compiled = torch.compile(vae, dynamic=True, backend="aot_eager")  # Dynamo's tracing is what failed
+    torch.manual_seed(0)
+    x_hat, posterior = compiled(torch.randn(3, 3, 16, 16))
+    assert x_hat.shape == (3, 3, 16, 16) and posterior.mean.shape == (3, 4, 8, 8)

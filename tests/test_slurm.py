@@ -75,7 +75,7 @@ def fake_slurm(tmp: Path, procs_per_node: int, nodes: int = 1) -> dict[str, str]
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env["CUDA_VISIBLE_DEVICES"] = ""  # CPU trainers on a GPU machine too
     return {
         **env, "PATH": f"{bin_dir}{os.pathsep}{env['PATH']}", "SCONTROL_LOG": str(tmp / "scontrol.log"),
         "SLURM_JOB_ID": JOB_ID, "SLURM_NNODES": str(nodes), "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "node[01-02]",

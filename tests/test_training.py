@@ -176,3 +176,35 @@ def test_bf16_training_runs_the_network_in_bf16_and_its_loss_in_float32(tmp_path
                          "loss.structural_weight=0.1"))
     assert outputs and set(outputs) == {torch.bfloat16}, "the network computes in bf16"
     assert seen and set(seen) == {(torch.float32, False)}, "the loss sees float32 outside autocast"
+
+
+def test_the_ema_lives_on_the_device_the_model_trains_on(tmp_path, monkeypatch):
+    """The EMA copies the model after it is moved: on a GPU a CPU shadow stopped the first update."""
+    from ldm_cli.training import loop
+
+    runs = []
+    real_build_run = loop.build_run
+
+    def recording_build_run(*args, **kwargs):
+        runs.append(real_build_run(*args, **kwargs))
+        return runs[-1]
+
+    monkeypatch.setattr(loop, "build_run", recording_build_run)
+    train_vae(vae_config(tmp_path / "run", 2))
+    (run,) = runs
+    device = run.accelerator.device
+    assert {p.device for p in run.raw_model.parameters()} == {device}
+    assert {p.device for p in run.ema.shadow.parameters()} == {device}
+    assert run.ema.updates == 2
+
+
+def test_more_processes_than_gpus_on_a_node_is_one_line(monkeypatch):
+    from ldm_cli.training.distributed import make_accelerator
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    config = vae_config("unused", 2)
+    with pytest.raises(UsageError, match=r"^2 processes on this node but 1 CUDA GPU\(s\): start at most 1 per node "
+                                         r".*CUDA_VISIBLE_DEVICES="):
+        make_accelerator(config.train, "vae")

@@ -69,9 +69,13 @@ class DiagonalGaussian:
 
         The noise is drawn on the generator's device (so a CPU generator gives the same
         sample whatever device the model runs on) and then moved to the mean's device.
+        Without a generator it is `randn_like`, which torch.compile traces with dynamic shapes
+        (`randn(shape)` of a symbolic shape stops it).
         """
-        device = generator.device if generator is not None else self.mean.device
-        eps = torch.randn(self.mean.shape, generator=generator, device=device, dtype=self.mean.dtype)
+        if generator is None:
+            eps = torch.randn_like(self.mean, memory_format=torch.contiguous_format)
+        else:
+            eps = torch.randn(self.mean.shape, generator=generator, device=generator.device, dtype=self.mean.dtype)
         return self.mean + self.std * eps.to(self.mean.device)
 
     def mode(self) -> Tensor:

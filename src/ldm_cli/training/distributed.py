@@ -10,6 +10,7 @@ SIGUSR1) sets `StopFlag`; the loop saves and leaves when any process was signall
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ from accelerate.state import AcceleratorState
 from torch import nn
 
 from ldm_cli.config import TrainConfig
-from ldm_cli.errors import ConfigError, LdmError
+from ldm_cli.errors import ConfigError, LdmError, UsageError
 from ldm_cli.training.speed import SpeedSettings, apply_speed_settings, resolve_speed
 
 logger = logging.getLogger("ldm")
@@ -34,6 +35,8 @@ def make_accelerator(cfg: TrainConfig, model: str, report_to: list[str] = (), ru
     `report_to` (files under RUN/tracking/)."""
     AcceleratorState._reset_state(reset_partial_state=False)  # allow several runs per process
     on_cuda = torch.cuda.is_available()
+    if on_cuda:
+        check_one_gpu_per_process()
     speed = resolve_speed(cfg, on_cuda, model)
     apply_speed_settings(speed)
     precision = "bf16" if speed.bf16 else ("no" if cfg.mixed_precision == "auto" else cfg.mixed_precision)
@@ -41,6 +44,18 @@ def make_accelerator(cfg: TrainConfig, model: str, report_to: list[str] = (), ru
     accelerator = Accelerator(cpu=not on_cuda, mixed_precision=precision,
                               dynamo_backend="inductor" if speed.compile else "no", **tracking)
     return accelerator, speed
+
+
+def check_one_gpu_per_process() -> None:
+    """Refuse more processes on this node than it has GPUs: two ranks on one GPU stop NCCL
+    with a traceback from every process, after the launcher has started them all."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        raise UsageError(
+            f"{processes} processes on this node but {gpus} CUDA GPU(s): start at most {gpus} per node "
+            "(accelerate launch --num_processes), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on CPU processes"
+        )
 
 
 def per_process_batch(cfg: TrainConfig, world_size: int) -> int:

@@ -235,8 +235,8 @@ def build_run(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: learning_rate_factor(s, config.optim, tcfg.max_steps)
     )
-    if speed.channels_last:
-        raw_model.to(memory_format=torch.channels_last)
+    # On the training device before the EMA copies it: prepare() would move only the live model.
+    raw_model.to(accelerator.device, memory_format=torch.channels_last if speed.channels_last else torch.preserve_format)
     ema = EMA(raw_model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
     model, optimizer = accelerator.prepare(raw_model, optimizer)  # compiles when speed.compile
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)

@@ -372,3 +372,21 @@ def test_the_vae_compiles_with_dynamic_shapes():
     torch.manual_seed(0)
     x_hat, posterior = compiled(torch.randn(3, 3, 16, 16))
     assert x_hat.shape == (3, 3, 16, 16) and posterior.mean.shape == (3, 4, 8, 8)
+
+
+@pytest.mark.parametrize("gamma", [8.0, 3.5, 16.0])
+def test_ema_keeps_of_the_initial_weights_the_closed_form_share(gamma):
+    """With live weights 0 after an initial 1, the shadow after n updates is what the warm-up
+    keeps of the start: Π_{k<n} (1 + k)/(γ + 2 + k) = n!·Γ(γ + 2)/Γ(γ + 2 + n) (docs/MATH.md, EMA)."""
+    from ldm_cli.models.ema import EMA
+
+    model = torch.nn.Linear(1, 1, bias=False).double()
+    torch.nn.init.ones_(model.weight)
+    ema = EMA(model, decay=0.99999, gamma=gamma)
+    torch.nn.init.zeros_(model.weight)
+    n = 50
+    for _ in range(n):
+        ema.update(model)
+    expected = math.exp(math.lgamma(n + 1) + math.lgamma(gamma + 2) - math.lgamma(gamma + 2 + n))
+    assert ema.shadow.weight.item() == pytest.approx(expected, rel=1e-12)
+    assert ema.current_decay() == pytest.approx((1 + n) / (gamma + 2 + n))

@@ -237,7 +237,7 @@ def build_run(
     )
     # On the training device before the EMA copies it: prepare() would move only the live model.
     raw_model.to(accelerator.device, memory_format=torch.channels_last if speed.channels_last else torch.preserve_format)
-    ema = EMA(raw_model, tcfg.ema_decay) if tcfg.ema_decay > 0 else None
+    ema = EMA(raw_model, tcfg.ema_decay, tcfg.ema_gamma) if tcfg.ema_decay > 0 else None
     model, optimizer = accelerator.prepare(raw_model, optimizer)  # compiles when speed.compile
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     check_memory(task, raw_model, order, config, accelerator)

@@ -67,13 +67,12 @@ from ldm_cli.data.pixels import random_flip, to_float
 from ldm_cli.data.prepare import load_images
 from ldm_cli.diffusion.parametrization import VPredictionLoss
 from ldm_cli.diffusion.schedules import NoiseSchedule
-from ldm_cli.models.ema import EMA
 from ldm_cli.models.latent_stats import LatentStats, stats_of_posterior_samples
 from ldm_cli.models.unet import UNet
 from ldm_cli.models.vae import VAE
 from ldm_cli.training.distributed import BatchOrder
 from ldm_cli.training.latent_cache import LatentCache, build_latent_cache, sample_posterior
-from ldm_cli.training.optim import make_optimizer, max_grad_norm
+from ldm_cli.training.optim import make_ema, make_optimizer, max_grad_norm
 
 PATHS = ("cache", "on-the-fly", "in-memory")
 
@@ -104,7 +103,7 @@ class Trainer:
     def __init__(self, s: Setup):
         self.s = s
         self.optimizer = make_optimizer(s.unet, s.den.optim)
-        self.ema = EMA(s.unet, s.den.train.ema_decay) if s.den.train.ema_decay > 0 else None
+        self.ema = make_ema(s.unet, s.den.train)
         self.clip = max_grad_norm(s.den.optim)
         self.v_loss = VPredictionLoss(s.schedule, s.den.diffusion.min_snr_gamma, s.den.model.self_condition)
         seed = s.den.train.seed

@@ -22,7 +22,7 @@ import torch
 
 from ldm_cli.common.device import is_self_conditioned, model_in_precision
 from ldm_cli.diffusion import DEFAULT_STEPS
-from ldm_cli.diffusion.parametrization import alpha_sigma
+from ldm_cli.diffusion.parametrization import alpha_sigma, predict_z0_eps
 from ldm_cli.diffusion.samplers import SAMPLERS, check_batch_size, check_sampler_args, sampling_timesteps
 from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.errors import UsageError
@@ -290,6 +290,6 @@ def ddim_invert(
             for _ in range(1 + fixed_point_iters):
                 v_hat = predict_v(model, z_next, t_next, z0_estimate)
                 z_next = (z - sin_d * v_hat) / cos_d
-            z0_estimate = math.cos(phi_next) * z_next - math.sin(phi_next) * v_hat
+            z0_estimate = predict_z0_eps(schedule, z_next, t_next, v_hat)[0]
             z, phi_t = z_next, phi_next
     return z

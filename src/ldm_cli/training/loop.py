@@ -55,7 +55,7 @@ from ldm_cli.training.distributed import (
 )
 from ldm_cli.training.memory import check_step_fits, estimate_step
 from ldm_cli.training.metrics import MetricsLog
-from ldm_cli.training.optim import learning_rate_factor, make_optimizer, max_grad_norm
+from ldm_cli.training.optim import learning_rate_factor, make_ema, make_optimizer, max_grad_norm
 from ldm_cli.training.run_setup import decide_start, run_dir_lock, start_run_dir
 from ldm_cli.training.speed import SpeedSettings
 from ldm_cli.training.state import resume_state, save_checkpoint
@@ -237,7 +237,7 @@ def build_run(
     )
     # On the training device before the EMA copies it: prepare() would move only the live model.
     raw_model.to(accelerator.device, memory_format=torch.channels_last if speed.channels_last else torch.preserve_format)
-    ema = EMA(raw_model, tcfg.ema_decay, tcfg.ema_gamma) if tcfg.ema_decay > 0 else None
+    ema = make_ema(raw_model, tcfg)
     model, optimizer = accelerator.prepare(raw_model, optimizer)  # compiles when speed.compile
     raw_model = accelerator.unwrap_model(model, keep_torch_compile=False)
     check_memory(task, raw_model, order, config, accelerator)

@@ -1,5 +1,5 @@
 """The optimiser: AdamW with decoupled weight decay, linear warm-up, then a constant or
-cosine learning rate (docs/MATH.md, §9), and gradient clipping."""
+cosine learning rate (docs/MATH.md, §9), gradient clipping, and the EMA of the weights."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import math
 import torch
 from torch import nn
 
-from ldm_cli.config import OptimConfig
+from ldm_cli.config import OptimConfig, TrainConfig
+from ldm_cli.models.ema import EMA
 
 
 def learning_rate_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
@@ -36,6 +37,11 @@ def make_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=cfg.fused)
+
+
+def make_ema(model: nn.Module, cfg: TrainConfig) -> EMA | None:
+    """The EMA of `model` that `train.ema_decay` and `train.ema_gamma` ask for; None when the decay is 0."""
+    return EMA(model, cfg.ema_decay, cfg.ema_gamma) if cfg.ema_decay > 0 else None
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, saved: dict) -> None:

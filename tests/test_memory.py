@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_vae_overrides
+from ldm_cli.common.device import default_device
 from ldm_cli.config import VAERunConfig, load_config
 from ldm_cli.errors import UsageError
 from ldm_cli.training import memory
@@ -38,7 +39,7 @@ def test_the_estimate_scales_with_the_examples_and_leaves_the_random_streams_alo
 def test_a_step_that_would_not_fit_is_refused_before_anything_is_written(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "available_memory", lambda device: 10_000)
     run = tmp_path / "run"
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the run trains
+    device = default_device().type  # where the run trains
     with pytest.raises(UsageError, match=rf"one training step needs about .* but only 9.8 KiB is available on {device}; "
                                          r"use fewer examples per step .*configs/quickstart/vae.toml"):
         train_vae(load_config(VAERunConfig, None, tiny_vae_overrides(run, 2)))

@@ -192,6 +192,7 @@ def train_stage(stage: str, vae_cfg: VAERunConfig, den_cfg: DenoiserRunConfig, v
 SPEED_KEYS = ("model", "train.batch_size", "train.grad_accum_steps", "optim.fused")  # with the resolved speed settings
 COST_NEUTRAL_MODEL_KEYS = ("layer_scale_init",)  # an initial value: the same operations, so the same updates
 KEYED_ONLY_WHEN_ON = ("self_condition",)  # options newer than the cached ratios: while off, not in the key
+TIMED_STRUCTURAL_TERMS = ("ssim", None)  # what every cached ratio was timed with (VAE: SSIM; denoiser: none)
 
 
 def speed_settings(config: VAERunConfig | DenoiserRunConfig) -> dict:
@@ -205,7 +206,19 @@ def speed_settings(config: VAERunConfig | DenoiserRunConfig) -> dict:
         if not dumped["model"].get(key, True):
             del dumped["model"][key]
     chosen = {key: dumped[key] if "." not in key else dumped[key.split(".")[0]][key.split(".")[1]] for key in SPEED_KEYS}
+    term = structural_term(config)
+    if term not in TIMED_STRUCTURAL_TERMS:  # keyed only when it differs, so the ratios already cached still apply
+        chosen["loss.structural"] = term
     return chosen | asdict(resolve_speed(config.train, on_cuda=False, model=config.task_name))
+
+
+def structural_term(config: VAERunConfig | DenoiserRunConfig) -> str | None:
+    """The VAE loss's structural term, which costs time when it is on: "ssim", "ms-ssim" or
+    "off" (its weight does not change the cost); None for the denoiser."""
+    loss = getattr(config, "loss", None)
+    if loss is None:
+        return None
+    return loss.structural if loss.structural_weight > 0 else "off"
 
 
 def update_time_ratio(conf: Configuration, ref_conf: Configuration, repeats: int = 15) -> tuple[float, float]:

@@ -72,6 +72,12 @@ def test_quality_budget_measures_a_speed_ratio_once_per_speed_settings(tmp_path,
     self_cond = q.Configuration("sc", "defaults", den_set=("model.self_condition=true",), relative_to="baseline")
     q.cached_ratio(self_cond, base, tmp_path)  # a first pass on half of the updates costs time
     assert timed == ["defaults", "b8", "loop", "sc"]
+    heavier = q.Configuration("w1", "defaults", vae_set=("loss.structural_weight=1.0",), relative_to="baseline")
+    q.cached_ratio(heavier, base, tmp_path)  # the SSIM term's weight does not change its cost
+    assert timed == ["defaults", "b8", "loop", "sc"]
+    for name, setting in (("ms", "loss.structural=ms-ssim"), ("off", "loss.structural_weight=0")):
+        q.cached_ratio(q.Configuration(name, "defaults", vae_set=(setting,), relative_to="baseline"), base, tmp_path)
+    assert timed == ["defaults", "b8", "loop", "sc", "ms", "off"]  # another structural term, or none, costs otherwise
     # an option that is off stays out of the key, so ratios cached before it existed still apply
     den = q.stage_configs(defaults, (1.0, 1.0), tmp_path, 0)[1]
     assert "self_condition" not in q.speed_settings(den)["model"]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
 from PIL import Image
 
 from conftest import tiny_denoiser_overrides, tiny_vae_overrides
-from ldm_cli.commands.demo import demo_vae_config, run_demo
+from ldm_cli.commands import demo
+from ldm_cli.commands.demo import demo_denoiser_config, demo_vae_config, run_demo
 
 STAGES = ["train-vae", "reconstruct", "schedule-plot", "train-denoiser", "sample-ddpm", "sample-ddim", "evaluate",
           "reimagine"]
@@ -23,6 +25,25 @@ def test_minutes_scale_the_training_budget(tmp_path):
     assert quick.train.max_steps == round(full.train.max_steps / 5)
     assert quick.loss.beta_decay_steps < full.loss.beta_decay_steps
     assert quick.output.dir == str(tmp_path / "vae")
+
+
+def test_the_seed_seeds_both_trainings(tmp_path, monkeypatch):
+    """`ldm demo --seed 1` is an independent replicate, not the same models sampled anew."""
+    assert demo_vae_config(tmp_path, 10.0).train.seed == 0
+    assert demo_vae_config(tmp_path, 10.0, seed=7).train.seed == 7
+    assert demo_denoiser_config(tmp_path, 10.0, seed=7).train.seed == 7
+    trained_with = []
+
+    def fake_train(cfg, *, resume: bool, overwrite: bool):
+        trained_with.append((cfg.task_name, cfg.train.seed))
+        return SimpleNamespace(final_step=cfg.train.max_steps, steps_per_second=1.0)
+
+    monkeypatch.setattr(demo, "train_vae", fake_train)
+    monkeypatch.setattr(demo, "train_denoiser", fake_train)
+    for stage in demo.demo_stages(tmp_path, 1.0, 7):
+        if stage.name in ("train-vae", "train-denoiser"):
+            stage.run()
+    assert trained_with == [("vae", 7), ("denoiser", 7)]
 
 
 def test_demo_runs_every_stage_and_reuses_them(tmp_path):

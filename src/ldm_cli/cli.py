@@ -266,7 +266,7 @@ def reimagine_command(
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's outputs and report.md / report.html.")] = Path("demo"),
     minutes: Annotated[float, typer.Option("--minutes", help="Training budget on a 2-core CPU; scales the quickstart configs' steps.")] = 10.0,
-    seed: SeedOpt = SEED_DEFAULT,
+    seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed of both trainings and of sampling: another seed is an independent run.")] = SEED_DEFAULT,
 ) -> None:
     """Run the whole workflow on builtin:faces and write a report with every figure."""
     from ldm_cli.commands.demo import run_demo, stage_table

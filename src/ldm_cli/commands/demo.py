@@ -73,17 +73,19 @@ def budget_config(schema: type[RunConfigT], path: Path, overrides: list[str], fa
     return load_config(schema, path, overrides, {**updates, **(extra or {})})
 
 
-def demo_vae_config(folder: Path, minutes: float, overrides: list[str] = ()) -> VAERunConfig:
-    """The quickstart VAE config (plus `--set`-style overrides) with its budget scaled."""
+def demo_vae_config(folder: Path, minutes: float, overrides: list[str] = (), seed: int = 0) -> VAERunConfig:
+    """The quickstart VAE config (plus `--set`-style overrides) with its budget scaled,
+    trained from `seed`."""
     return budget_config(VAERunConfig, packaged_config("quickstart/vae.toml"), list(overrides),
-                         minutes / DEFAULT_MINUTES, folder / "vae")
+                         minutes / DEFAULT_MINUTES, folder / "vae", {"train.seed": seed})
 
 
-def demo_denoiser_config(folder: Path, minutes: float, overrides: list[str] = ()) -> DenoiserRunConfig:
-    """The quickstart denoiser config (plus overrides) with its budget scaled, on the demo's VAE."""
+def demo_denoiser_config(folder: Path, minutes: float, overrides: list[str] = (), seed: int = 0) -> DenoiserRunConfig:
+    """The quickstart denoiser config (plus overrides) with its budget scaled, on the demo's VAE,
+    trained from `seed`."""
     return budget_config(DenoiserRunConfig, packaged_config("quickstart/denoiser.toml"), list(overrides),
                          minutes / DEFAULT_MINUTES, folder / "denoiser",
-                         {"latents.vae": str(folder / "vae" / "vae.safetensors")})
+                         {"latents.vae": str(folder / "vae" / "vae.safetensors"), "train.seed": seed})
 
 
 # --------------------------------------------------------------------------- stages
@@ -137,8 +139,8 @@ def sample_outputs(folder: Path, sampler: str) -> list[Path]:
 
 def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str] = (),
                 denoiser_overrides: list[str] = ()) -> list[DemoStage]:
-    vae_cfg = demo_vae_config(folder, minutes, vae_overrides)
-    den_cfg = demo_denoiser_config(folder, minutes, denoiser_overrides)
+    vae_cfg = demo_vae_config(folder, minutes, vae_overrides, seed)
+    den_cfg = demo_denoiser_config(folder, minutes, denoiser_overrides, seed)
     vae_file = folder / "vae" / "vae.safetensors"
     den_file = folder / "denoiser" / "denoiser.safetensors"
     face = folder / "face.png"

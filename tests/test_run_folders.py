@@ -11,6 +11,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -196,18 +198,25 @@ def metric_count(run: Path) -> int:
         return 0
 
 
-def ctrl_c_as_in_a_terminal() -> None:
-    """SIGINT's default action: a shell starts background jobs (a CI script's `cmd &`) with
-    SIGINT ignored, and the trainer rightly keeps an inherited SIG_IGN, as nohup'd jobs expect."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+@contextmanager
+def sigint_handler(handler) -> Iterator[None]:
+    """SIGINT handled by `handler` inside the block, whatever this test process inherited: a
+    shell starts background jobs (a CI script's `cmd &`) with SIGINT ignored, and the trainer
+    rightly keeps an inherited SIG_IGN, as nohup'd jobs expect. A child started inside the
+    block with a Python handler set gets SIGINT's default action (exec resets handlers)."""
+    inherited = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def start_training(run: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = [sys.executable, "-m", "ldm_cli", "train-vae", *sets(tiny_vae_overrides(run, 400)),
             "--set", "logging.checkpoint_every=1000"]
-    with log.open("w") as out:
-        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, preexec_fn=ctrl_c_as_in_a_terminal)
+    with log.open("w") as out, sigint_handler(signal.default_int_handler):  # Ctrl-C as in a terminal
+        proc = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + TIMEOUT_S
     while metric_count(run) < 3:
         assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -231,30 +240,23 @@ def test_a_first_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(tmp_path):
 def test_a_second_ctrl_c_stops_at_once():
     from ldm_cli.training.distributed import StopFlag
 
-    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (see above)
-    try:
+    with sigint_handler(signal.default_int_handler):  # as in a terminal (see above)
         with StopFlag() as stop:
             signal.raise_signal(signal.SIGINT)
             assert stop.signal == "SIGINT", "the first Ctrl-C asks the loop to save and stop"
             with pytest.raises(KeyboardInterrupt):
                 signal.raise_signal(signal.SIGINT)
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, inherited)
 
 
 def test_an_ignored_ctrl_c_stays_ignored():
     """A trainer started with SIGINT ignored (nohup, `cmd &` in a script) keeps ignoring it."""
     from ldm_cli.training.distributed import StopFlag
 
-    inherited = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        with StopFlag() as stop:
-            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
-            signal.raise_signal(signal.SIGINT)
-            assert stop.signal is None
-    finally:
-        signal.signal(signal.SIGINT, inherited)
+    with sigint_handler(signal.SIG_IGN), StopFlag() as stop:
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        signal.raise_signal(signal.SIGINT)
+        assert stop.signal is None
 
 
 def test_two_quick_ctrl_c_end_in_one_line_and_exit_130_whenever_the_second_lands(tmp_path):

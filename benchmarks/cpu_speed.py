@@ -28,7 +28,6 @@ what it measured.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -47,22 +46,10 @@ from ldm_cli.diffusion.sampling import sample_in_batches
 from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.models.unet import SHORT_SEQUENCE, UNet, attention, written_out_attention
 from ldm_cli.models.vae import VAE
-from ldm_cli.training.optim import make_optimizer
-from ldm_cli.training.vae_loss import vae_loss
+from ldm_cli.training.budget import denoiser_update, median_seconds, vae_update
 
 NUM_IMAGES = 500
 STEPS = 50
-
-
-def median_time(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def prepared(model: torch.nn.Module, channels_last: bool, compiled: bool) -> torch.nn.Module:
@@ -71,59 +58,11 @@ def prepared(model: torch.nn.Module, channels_last: bool, compiled: bool) -> tor
     return torch.compile(model) if compiled else model
 
 
-# --------------------------------------------------------------------------- 1. training
-
-
 def autocast(bf16: bool):
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
-def vae_update(cfg: VAERunConfig, channels_last: bool, compiled: bool, bf16: bool = False) -> Callable[[], None]:
-    torch.manual_seed(0)
-    vae = VAE(cfg.model)
-    model = prepared(vae, channels_last, compiled)
-    optimizer = make_optimizer(vae, cfg.optim)  # as training builds it (fused where the config says)
-    res = cfg.data.resolution
-    x = torch.rand(cfg.train.batch_size, 3, res, res) * 2 - 1
-    x = x.to(memory_format=torch.channels_last) if channels_last else x
-
-    def step() -> None:
-        with autocast(bf16):  # the network's forward, as `accelerator.prepare` wraps it
-            reconstruction, posterior = model(x)
-        loss, _ = vae_loss(x, reconstruction.float(), posterior, 1e-4, cfg.loss)  # float32, as in training
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
-
-
-def unet_update(cfg: DenoiserRunConfig, channels_last: bool, compiled: bool, bf16: bool = False) -> Callable[[], None]:
-    torch.manual_seed(0)
-    unet = UNet(cfg.model)
-    model = prepared(unet, channels_last, compiled)
-    optimizer = make_optimizer(unet, cfg.optim)
-    m = cfg.model
-    z = torch.randn(cfg.train.batch_size, m.latent_channels, m.latent_size, m.latent_size)
-    z = z.to(memory_format=torch.channels_last) if channels_last else z
-    t = torch.randint(0, cfg.diffusion.timesteps, (cfg.train.batch_size,))
-
-    half = len(z) // 2
-
-    def step() -> None:
-        with autocast(bf16):
-            if m.self_condition:
-                # training adds a gradient-free first pass on half of the updates (Chen et al. 2023):
-                # timed at its expected cost, one pass over half the batch in every update
-                with torch.no_grad():
-                    model(z[:half], t[:half], torch.zeros_like(z[:half]))
-                prediction = model(z, t, torch.zeros_like(z))
-            else:
-                prediction = model(z, t)
-        loss = (prediction.float() - z).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    return step
+# --------------------------------------------------------------------------- 1. training
 
 
 def training_table(vae_cfg: VAERunConfig, den_cfg: DenoiserRunConfig, threads: list[int], repeats: int) -> None:
@@ -136,8 +75,8 @@ def training_table(vae_cfg: VAERunConfig, den_cfg: DenoiserRunConfig, threads: l
             torch.set_num_threads(n)
             name = (f"threads {n}" + (", channels-last" if channels_last else "") + (", compile" if compiled else "")
                     + (", bf16 autocast" if bf16 else ""))
-            vae_ms = 1000 * median_time(vae_update(vae_cfg, channels_last, compiled, bf16), repeats, warmup=3)
-            den_ms = 1000 * median_time(unet_update(den_cfg, channels_last, compiled, bf16), repeats, warmup=3)
+            vae_ms = 1000 * median_seconds(vae_update(vae_cfg, channels_last, compiled, bf16), repeats, warmup=3)
+            den_ms = 1000 * median_seconds(denoiser_update(den_cfg, channels_last, compiled, bf16), repeats, warmup=3)
             base = base or (vae_ms, den_ms)
             print(f"{name:<34}{vae_ms:>10.1f}{den_ms:>10.1f}   ratio to first row {vae_ms / base[0]:.2f} / "
                   f"{den_ms / base[1]:.2f}", flush=True)
@@ -165,7 +104,7 @@ def call_seconds(model: torch.nn.Module, shape: tuple[int, ...], batch: int, rep
     def call() -> None:
         with mode(), autocast(bf16):
             model(z, t)
-    return median_time(call, repeats)
+    return median_seconds(call, repeats)
 
 
 def sampling_table(den_cfg: DenoiserRunConfig, threads: list[int], batches: list[int], repeats: int) -> None:
@@ -216,7 +155,7 @@ def flop_table(den_cfg: DenoiserRunConfig, threads: int, repeats: int) -> None:
     flops = counter.get_total_flops() / batch
     call = call_seconds(unet, tuple(z.shape[1:]), batch, repeats)
     a = torch.randn(2048, 2048)
-    matmul = median_time(lambda: a @ a, repeats)
+    matmul = median_seconds(lambda: a @ a, repeats)
     peak = 2 * 2048**3 / matmul
     reached = flops * batch / call
     print(f"\n4. FLOPs (threads {threads})")
@@ -226,7 +165,7 @@ def flop_table(den_cfg: DenoiserRunConfig, threads: int, repeats: int) -> None:
           f"{peak / 1e9:.0f} GFLOP/s (ratio {reached / peak:.2f})")
     print(f"DDIM-{STEPS} at the matmul rate would take {STEPS * flops / peak:.4f} s per image")
     a16 = a.to(torch.bfloat16)
-    peak16 = 2 * 2048**3 / median_time(lambda: a16 @ a16, repeats)
+    peak16 = 2 * 2048**3 / median_seconds(lambda: a16 @ a16, repeats)
     autocast16 = flops * batch / call_seconds(unet, tuple(z.shape[1:]), batch, repeats, bf16=True)
     unet = unet.to(memory_format=torch.channels_last)
     copy16 = flops * batch / call_seconds(model_in_precision(unet, "bf16"), tuple(z.shape[1:]), batch, repeats)
@@ -247,9 +186,9 @@ def attention_seconds(fn: Callable[..., torch.Tensor], q: torch.Tensor, k: torch
                       repeats: int) -> float:
     """Median seconds of `fn(q, k, v)`: forward and backward when q requires a gradient, else forward only."""
     if q.requires_grad:
-        return median_time(lambda: fn(q, k, v).sum().backward(), repeats)
+        return median_seconds(lambda: fn(q, k, v).sum().backward(), repeats)
     with torch.inference_mode():
-        return median_time(lambda: fn(q, k, v), repeats)
+        return median_seconds(lambda: fn(q, k, v), repeats)
 
 
 def attention_table(threads: int, repeats: int) -> None:
@@ -281,7 +220,7 @@ def adamw_step_seconds(model: torch.nn.Module, kernel: str, repeats: int) -> flo
     for p in model.parameters():
         p.grad = torch.randn_like(p)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, **options)
-    return median_time(optimizer.step, repeats, warmup=3)
+    return median_seconds(optimizer.step, repeats, warmup=3)
 
 
 def per_tensor(cfg: VAERunConfig | DenoiserRunConfig) -> VAERunConfig | DenoiserRunConfig:
@@ -296,10 +235,10 @@ def optimizer_table(vae_cfg: VAERunConfig, den_cfg: DenoiserRunConfig, threads: 
     print(f"{'model':<10}{'tensors':>8}{'per-tensor':>12}{'foreach':>10}{'fused':>8}"
           f"{'per-tensor / fused':>20}{'share':>8}")
     for name, model, update in (("VAE", VAE(vae_cfg.model), vae_update(per_tensor(vae_cfg), True, False)),
-                                ("denoiser", UNet(den_cfg.model), unet_update(per_tensor(den_cfg), True, False))):
+                                ("denoiser", UNet(den_cfg.model), denoiser_update(per_tensor(den_cfg), True, False))):
         ms = {kernel: 1000 * adamw_step_seconds(model, kernel, repeats * 3)
               for kernel in ("per-tensor", "foreach", "fused")}
-        update_ms = 1000 * median_time(update, repeats, warmup=3)
+        update_ms = 1000 * median_seconds(update, repeats, warmup=3)
         print(f"{name:<10}{len(list(model.parameters())):>8}{ms['per-tensor']:>12.2f}{ms['foreach']:>10.2f}"
               f"{ms['fused']:>8.2f}{ms['per-tensor'] / ms['fused']:>20.2f}{ms['per-tensor'] / update_ms:>8.1%}",
               flush=True)

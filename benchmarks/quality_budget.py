@@ -68,6 +68,7 @@ from ldm_cli.evaluation.face_quality import (
     score_faces,
 )
 from ldm_cli.modelfiles.bundles import load_denoiser, load_vae
+from ldm_cli.training.budget import Calibration, denoiser_update, vae_update
 from ldm_cli.training.denoiser_task import train_denoiser
 from ldm_cli.training.speed import resolve_speed
 from ldm_cli.training.vae_task import train_vae
@@ -98,29 +99,6 @@ class Configuration:
     @property
     def files(self) -> tuple[Path, Path]:
         return CONFIG_FILES[self.base]
-
-
-@dataclass
-class Calibration:
-    """Seconds per update and fixed seconds (start-up, cache, export) of each stage."""
-
-    vae_update: float
-    vae_fixed: float
-    den_update: float
-    den_fixed: float
-    vae_steps: int  # the configs' own max_steps
-    den_steps: int
-
-    def factors(self, budget_seconds: float, vae_share: float | None) -> tuple[float, float]:
-        """The scales of the two configs' steps that make the pipeline last `budget_seconds`:
-        one factor for both (the configs' step ratio is the time split), or the VAE given
-        `vae_share` of the training time."""
-        training = max(budget_seconds - self.vae_fixed - self.den_fixed, 0.0)
-        if vae_share is None:
-            factor = training / (self.vae_steps * self.vae_update + self.den_steps * self.den_update)
-            return factor, factor
-        return (vae_share * training / self.vae_update / self.vae_steps,
-                (1 - vae_share) * training / self.den_update / self.den_steps)
 
 
 @dataclass
@@ -225,11 +203,9 @@ def update_time_ratio(conf: Configuration, ref_conf: Configuration, repeats: int
     """(VAE, denoiser) seconds per update of `conf` over those of `ref_conf`: exactly 1 when
     nothing that sets the cost of an update differs, else the ratio of medians of updates
     timed in alternation (so that a change in the machine's load hits both alike)."""
-    from cpu_speed import unet_update, vae_update
-
     configs = [stage_configs(c, (1.0, 1.0), Path("unused"), 0) for c in (conf, ref_conf)]
     ratios = []
-    for stage, build in ((0, vae_update), (1, unet_update)):
+    for stage, build in ((0, vae_update), (1, denoiser_update)):
         mine, theirs = configs[0][stage], configs[1][stage]
         if speed_settings(mine) == speed_settings(theirs):
             ratios.append(1.0)

@@ -68,6 +68,13 @@ def tiny_denoiser_overrides(out, vae_path, steps: int = 20) -> list[str]:
     ]
 
 
+def tiny_demo_overrides() -> tuple[list[str], list[str]]:
+    """The tiny configs' values for `ldm demo`'s VAE and denoiser, without the keys the demo sets itself."""
+    def kept(overrides: list[str]) -> list[str]:
+        return [o for o in overrides if not o.startswith(("output.dir", "latents.vae", "train.max_steps"))]
+    return kept(tiny_vae_overrides("x", 1)), kept(tiny_denoiser_overrides("x", "x", 1))
+
+
 @pytest.fixture(scope="session")
 def trained_vae(tmp_path_factory: pytest.TempPathFactory, _private_cache):
     """A tiny VAE trained once per session, for the tests that need one."""

@@ -12,15 +12,15 @@ from ldm_cli.commands.sample import run_sample
 from ldm_cli.training.denoiser_task import train_denoiser
 from ldm_cli.training.vae_task import train_vae
 
-MINUTES = 2.0  # a fifth of the demo's training budget
+SCALE = 0.2  # a fifth of the quickstart configs' updates
 NUM_IMAGES = 96
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     folder = tmp_path_factory.mktemp("short-demo")
-    train_vae(demo_vae_config(folder, MINUTES))
-    train_denoiser(demo_denoiser_config(folder, MINUTES, ["quality.every=0"]))
+    train_vae(demo_vae_config(folder, SCALE))
+    train_denoiser(demo_denoiser_config(folder, SCALE, ["quality.every=0"]))
     denoiser = folder / "denoiser" / "denoiser.safetensors"
     run_sample(denoiser, folder / "samples", num_samples=NUM_IMAGES, seed=0, sampler="ddim", steps=20,
                batch_size=NUM_IMAGES)

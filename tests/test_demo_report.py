@@ -47,31 +47,31 @@ def folder(tmp_path):
 
 
 def test_quality_section_places_the_samples_between_prior_and_floor(folder):
-    markdown = demo.build_report(folder, fake_records(1.0, 1.0, reused=False), 1.0).markdown()
+    markdown = demo.build_report(folder, fake_records(1.0, 1.0, reused=False), demo.DemoBudget(1.0, 0.1)).markdown()
     assert "| 12.00 | 0.050 |" in markdown and "closes 86% of the gap" in markdown
 
 
 def test_stage_table_names_its_reused_column(folder):
-    markdown = demo.build_report(folder, fake_records(1.0, 1.0, reused=True), 1.0).markdown()
+    markdown = demo.build_report(folder, fake_records(1.0, 1.0, reused=True), demo.DemoBudget(1.0, 0.1)).markdown()
     assert "| stage | seconds | reused |" in markdown
     assert "| train-vae | 60.0 | yes |" in markdown
 
 
 def test_budget_line_is_the_budget_the_models_were_trained_with(folder):
-    same = demo.build_report(folder, fake_records(3.0, 3.0, reused=True), 3.0).markdown()
+    same = demo.build_report(folder, fake_records(3.0, 3.0, reused=True), demo.DemoBudget(3.0, 0.3)).markdown()
     assert "Training budget --minutes 3." in same
 
-    other = demo.build_report(folder, fake_records(3.0, 3.0, reused=True), 7.0).markdown()
+    other = demo.build_report(folder, fake_records(3.0, 3.0, reused=True), demo.DemoBudget(7.0, 0.7)).markdown()
     assert "--minutes 7. " not in other and "Training budget --minutes 7" not in other
     assert ("Training budgets differ from this run's --minutes 7: train-vae ran with --minutes 3 (reused from an "
             "earlier run), train-denoiser ran with --minutes 3 (reused from an earlier run).") in other
 
-    old = demo.build_report(folder, fake_records(None, None, reused=True), 7.0).markdown()
+    old = demo.build_report(folder, fake_records(None, None, reused=True), demo.DemoBudget(7.0, 0.7)).markdown()
     assert "train-vae ran with a budget not recorded" in old
 
 
 def test_report_shows_the_animated_trajectory_of_both_samplers(folder):
-    markdown = demo.build_report(folder, fake_records(1.0, 1.0, reused=False), 1.0).markdown()
+    markdown = demo.build_report(folder, fake_records(1.0, 1.0, reused=False), demo.DemoBudget(1.0, 0.1)).markdown()
     for sampler in ("ddpm", "ddim"):
         assert f"(samples-{sampler}/trajectory.gif)" in markdown
 
@@ -84,7 +84,8 @@ def test_training_stages_record_their_minutes_and_keep_them_when_reused(tmp_path
     monkeypatch.setattr(demo, "train_denoiser", fake_train)
 
     def training_stages(minutes: float) -> list[demo.DemoStage]:
-        return [s for s in demo.demo_stages(tmp_path, minutes, 0) if s.name in TRAINING_STAGES]
+        return [s for s in demo.demo_stages(tmp_path, demo.DemoBudget(minutes, minutes / 10), 0)
+                if s.name in TRAINING_STAGES]
 
     records_path = tmp_path / "stages.json"
     first = demo.run_stages(training_stages(0.5), records_path)
@@ -102,6 +103,6 @@ def test_training_stages_record_their_minutes_and_keep_them_when_reused(tmp_path
 
 
 def test_sampling_stages_need_their_animation_to_be_reused(tmp_path):
-    outputs = {s.name: s.outputs for s in demo.demo_stages(tmp_path, 1.0, 0)}
+    outputs = {s.name: s.outputs for s in demo.demo_stages(tmp_path, demo.DemoBudget(1.0, 0.1), 0)}
     for sampler in ("ddpm", "ddim"):
         assert tmp_path / f"samples-{sampler}" / "trajectory.gif" in outputs[f"sample-{sampler}"]

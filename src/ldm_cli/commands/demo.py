@@ -6,19 +6,23 @@ Stages, each through the same function its own command uses:
     → evaluate (FD, legibility of DDIM-50 samples beside the three references) → reimagine
     → report.md / report.html
 
-`--minutes` scales the training budgets of the packaged quickstart configs (the default,
-10, is sized for a 2-core laptop CPU). A stage whose outputs are already in the folder
-is reused when the command runs again; an interrupted training stage resumes from its
-newest checkpoint. `stages.json` keeps each stage's wall time and results (for a training
-stage, the `--minutes` it ran with, which the report shows).
+`--minutes` is wall clock on this machine: before training, a few timed updates of each
+model (`training.budget`) size the packaged quickstart configs' steps, scaled by one
+factor, so that the training updates take TRAINING_SHARE of the minutes and the other
+stages the rest. `budget.json` keeps that sizing, so a rerun with the same `--minutes`
+trains the same number of updates. A stage whose outputs are already in the folder is
+reused when the command runs again; an interrupted training stage resumes from its newest
+checkpoint. `stages.json` keeps each stage's wall time and results (for a training stage,
+the `--minutes` it ran with, which the report shows).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +34,22 @@ from ldm_cli.commands.reimagine import run_reimagine
 from ldm_cli.commands.report import Report
 from ldm_cli.commands.sample import run_sample
 from ldm_cli.commands.schedule_plot import run_schedule_plot
+from ldm_cli.common.device import default_device
 from ldm_cli.common.files import atomic_write
 from ldm_cli.common.progress import logger
 from ldm_cli.config import DenoiserRunConfig, RunConfigT, VAERunConfig, load_config, packaged_config
 from ldm_cli.data.prepare import load_images
 from ldm_cli.errors import UsageError
+from ldm_cli.training.budget import Calibration, seconds_per_update
 from ldm_cli.training.denoiser_task import train_denoiser
 from ldm_cli.training.rundir import latest_checkpoint
 from ldm_cli.training.vae_task import train_vae
 
 DEFAULT_MINUTES = 10.0
+# The share of `--minutes` that the training updates get; the rest goes to the stages' fixed
+# costs (drawing the faces, the latent cache, exports) and to the sampling, evaluation and
+# figures. Measured on two 2-core CPUs (benchmarks/README.md, "The demo's wall clock").
+TRAINING_SHARE = 0.75
 STRENGTHS = [0.25, 0.5, 0.75, 1.0]
 NUM_SAMPLES = 16
 EVAL_SAMPLES = 500  # DDIM-50 samples scored by the evaluate stage, as benchmarks/quality_budget.py scores them
@@ -73,19 +83,78 @@ def budget_config(schema: type[RunConfigT], path: Path, overrides: list[str], fa
     return load_config(schema, path, overrides, {**updates, **(extra or {})})
 
 
-def demo_vae_config(folder: Path, minutes: float, overrides: list[str] = (), seed: int = 0) -> VAERunConfig:
-    """The quickstart VAE config (plus `--set`-style overrides) with its budget scaled,
+def demo_vae_config(folder: Path, scale: float, overrides: list[str] = (), seed: int = 0) -> VAERunConfig:
+    """The quickstart VAE config (plus `--set`-style overrides) with its updates × `scale`,
     trained from `seed`."""
     return budget_config(VAERunConfig, packaged_config("quickstart/vae.toml"), list(overrides),
-                         minutes / DEFAULT_MINUTES, folder / "vae", {"train.seed": seed})
+                         scale, folder / "vae", {"train.seed": seed})
 
 
-def demo_denoiser_config(folder: Path, minutes: float, overrides: list[str] = (), seed: int = 0) -> DenoiserRunConfig:
-    """The quickstart denoiser config (plus overrides) with its budget scaled, on the demo's VAE,
-    trained from `seed`."""
+def demo_denoiser_config(folder: Path, scale: float, overrides: list[str] = (), seed: int = 0) -> DenoiserRunConfig:
+    """The quickstart denoiser config (plus overrides) with its updates × `scale`, on the demo's
+    VAE, trained from `seed`."""
     return budget_config(DenoiserRunConfig, packaged_config("quickstart/denoiser.toml"), list(overrides),
-                         minutes / DEFAULT_MINUTES, folder / "denoiser",
+                         scale, folder / "denoiser",
                          {"latents.vae": str(folder / "vae" / "vae.safetensors"), "train.seed": seed})
+
+
+@dataclass(frozen=True)
+class DemoBudget:
+    """How long the demo trains: `minutes` of wall clock, spent as the quickstart configs'
+    updates × `scale`; the seconds per update timed to choose it (None when it was given)."""
+
+    minutes: float
+    scale: float
+    vae_update_seconds: float | None = None
+    den_update_seconds: float | None = None
+
+
+def sized_scale(minutes: float, vae_update_seconds: float, den_update_seconds: float, vae_steps: int,
+                den_steps: int) -> float:
+    """The factor s of both configs' steps with s · (N_vae · t_vae + N_den · t_den) equal to
+    TRAINING_SHARE of `minutes`."""
+    timing = Calibration(vae_update_seconds, 0.0, den_update_seconds, 0.0, vae_steps, den_steps)
+    return timing.factors(TRAINING_SHARE * minutes * 60)[0]
+
+
+def measure_budget(minutes: float, vae_overrides: list[str] = (), denoiser_overrides: list[str] = ()) -> DemoBudget:
+    """Time a few updates of each quickstart model on this machine and size the demo's training
+    to `minutes` of wall clock."""
+    folder = Path("unused")  # the configs are only built, not written
+    vae_cfg, den_cfg = demo_vae_config(folder, 1.0, vae_overrides), demo_denoiser_config(folder, 1.0, denoiser_overrides)
+    device = default_device()
+    vae_s, den_s = seconds_per_update(vae_cfg, device), seconds_per_update(den_cfg, device)
+    scale = sized_scale(minutes, vae_s, den_s, vae_cfg.train.max_steps, den_cfg.train.max_steps)
+    logger.info(f"demo: one update takes {vae_s * 1000:.0f} ms (VAE) and {den_s * 1000:.0f} ms (denoiser) here, so "
+                f"{minutes:g} minutes train {round(vae_cfg.train.max_steps * scale)} and "
+                f"{round(den_cfg.train.max_steps * scale)} updates")
+    return DemoBudget(minutes, scale, vae_s, den_s)
+
+
+def read_budget(path: Path) -> DemoBudget | None:
+    """The sizing an earlier run of the demo in this folder wrote, if any and readable."""
+    try:
+        budget = DemoBudget(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    numbers = (budget.minutes, budget.scale, budget.vae_update_seconds, budget.den_update_seconds)
+    if not all(isinstance(x, (int, float)) and math.isfinite(x) and x > 0 for x in numbers):
+        return None
+    return budget
+
+
+def demo_budget(folder: Path, minutes: float, vae_overrides: list[str] = (),
+                denoiser_overrides: list[str] = ()) -> DemoBudget:
+    """The sizing of an earlier run with the same `minutes` (so a rerun trains the same
+    updates), else a new one, kept in FOLDER/budget.json."""
+    path = folder / "budget.json"
+    earlier = read_budget(path)
+    if earlier is not None and earlier.minutes == minutes:
+        return earlier
+    budget = measure_budget(minutes, vae_overrides, denoiser_overrides)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(asdict(budget), indent=2))
+    return budget
 
 
 # --------------------------------------------------------------------------- stages
@@ -137,10 +206,10 @@ def sample_outputs(folder: Path, sampler: str) -> list[Path]:
     return [folder / f"samples-{sampler}" / "grid.png", folder / f"samples-{sampler}" / "trajectory.gif"]
 
 
-def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str] = (),
+def demo_stages(folder: Path, budget: DemoBudget, seed: int, vae_overrides: list[str] = (),
                 denoiser_overrides: list[str] = ()) -> list[DemoStage]:
-    vae_cfg = demo_vae_config(folder, minutes, vae_overrides, seed)
-    den_cfg = demo_denoiser_config(folder, minutes, denoiser_overrides, seed)
+    vae_cfg = demo_vae_config(folder, budget.scale, vae_overrides, seed)
+    den_cfg = demo_denoiser_config(folder, budget.scale, denoiser_overrides, seed)
     vae_file = folder / "vae" / "vae.safetensors"
     den_file = folder / "denoiser" / "denoiser.safetensors"
     face = folder / "face.png"
@@ -149,7 +218,8 @@ def demo_stages(folder: Path, minutes: float, seed: int, vae_overrides: list[str
         def run() -> dict[str, Any]:
             resume = latest_checkpoint(Path(cfg.output.dir)) is not None
             result = train_fn(cfg, resume=resume, overwrite=not resume)
-            return {"steps": result.final_step, "steps_per_second": result.steps_per_second, "minutes": minutes}
+            return {"steps": result.final_step, "steps_per_second": result.steps_per_second,
+                    "minutes": budget.minutes, "scale": budget.scale}
         return run
 
     def reconstruct() -> dict[str, Any]:
@@ -224,10 +294,19 @@ def stage_table(records: dict[str, dict[str, Any]]) -> tuple[list[str], list[lis
     return ["stage", "seconds", "reused"], rows + [["total", f"{total:.1f}", ""]]
 
 
-def build_report(folder: Path, records: dict[str, dict[str, Any]], minutes: float) -> Report:
+def sizing_text(records: dict[str, dict[str, Any]], budget: DemoBudget) -> str:
+    """How `budget` was sized on this machine, when both training stages ran with it."""
+    if budget.vae_update_seconds is None or any(records[n].get("scale") != budget.scale for n in TRAINING_STAGES):
+        return ""
+    return (f" One update took {budget.vae_update_seconds * 1000:.0f} ms (VAE) and "
+            f"{budget.den_update_seconds * 1000:.0f} ms (denoiser) on this machine, so the quickstart configs' "
+            f"updates were scaled by {budget.scale:.3f} to give training {TRAINING_SHARE:.0%} of the minutes.")
+
+
+def build_report(folder: Path, records: dict[str, dict[str, Any]], budget: DemoBudget) -> Report:
     r = Report("ldm demo: latent diffusion on builtin:faces", folder)
-    r.text(f"{budget_text(records, minutes)} Every figure below was produced by the same functions "
-           "as the individual ldm commands.")
+    r.text(f"{budget_text(records, budget.minutes)}{sizing_text(records, budget)} Every figure below was produced "
+           "by the same functions as the individual ldm commands.")
     r.heading("Wall time of each stage")
     r.table(*stage_table(records))
 
@@ -327,14 +406,17 @@ class DemoResult:
 
 
 def run_demo(folder: Path, minutes: float = DEFAULT_MINUTES, seed: int = 0, vae_overrides: list[str] = (),
-             denoiser_overrides: list[str] = ()) -> DemoResult:
+             denoiser_overrides: list[str] = (), scale: float | None = None) -> DemoResult:
     """Run (or reuse) every stage in `folder`, then write the report. The overrides
-    (`section.key=value`) change the quickstart configs, e.g. to shrink them in tests."""
+    (`section.key=value`) change the quickstart configs, e.g. to shrink them in tests;
+    `scale` trains their updates × `scale` instead of sizing them to `minutes` here."""
     if minutes <= 0:
         raise UsageError(f"--minutes {minutes}: must be positive")
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--out '{folder}': exists and is not a folder")
     folder.mkdir(parents=True, exist_ok=True)
-    records = run_stages(demo_stages(folder, minutes, seed, vae_overrides, denoiser_overrides), folder / "stages.json")
-    md, page = build_report(folder, records, minutes).write()
+    budget = (DemoBudget(minutes, scale) if scale is not None
+              else demo_budget(folder, minutes, vae_overrides, denoiser_overrides))
+    records = run_stages(demo_stages(folder, budget, seed, vae_overrides, denoiser_overrides), folder / "stages.json")
+    md, page = build_report(folder, records, budget).write()
     return DemoResult(folder, records, md, page)

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from torch.nn import functional as F
 
-from ldm_cli.common.device import model_in_precision
+from ldm_cli.common.device import has_native_bf16, model_in_precision
 from ldm_cli.config import DenoiserRunConfig, VAERunConfig, load_config, packaged_config
 from ldm_cli.diffusion.sampling import sample_in_batches
 from ldm_cli.diffusion.schedules import NoiseSchedule
@@ -163,7 +163,11 @@ def flop_table(den_cfg: DenoiserRunConfig, threads: int, repeats: int) -> None:
           f"parameters; DDIM-{STEPS}: {STEPS * flops / 1e9:.2f} GFLOP per image")
     print(f"rate reached by the model at batch {batch}: {reached / 1e9:.0f} GFLOP/s; float32 matmul 2048²: "
           f"{peak / 1e9:.0f} GFLOP/s (ratio {reached / peak:.2f})")
-    print(f"DDIM-{STEPS} at the matmul rate would take {STEPS * flops / peak:.4f} s per image")
+    print(f"DDIM-{STEPS} at the matmul rate would take {STEPS * flops / peak:.4f} s per image, "
+          f"DPM++-20 {20 * flops / peak:.4f}")
+    if not has_native_bf16("cpu"):
+        print("bf16: not native on this CPU (neither AVX512-BF16 nor AMX), so not measured: emulated, it is slower")
+        return
     a16 = a.to(torch.bfloat16)
     peak16 = 2 * 2048**3 / median_seconds(lambda: a16 @ a16, repeats)
     autocast16 = flops * batch / call_seconds(unet, tuple(z.shape[1:]), batch, repeats, bf16=True)

@@ -14,10 +14,10 @@ from ldm_cli.training.budget import seconds_per_update
 
 
 def test_the_scale_fills_the_training_share_of_the_minutes():
-    # 0.75 · 600 s = s · (1000 · 0.1 s + 500 · 0.2 s)  ⇒  s = 2.25
-    assert demo.sized_scale(10.0, 0.1, 0.2, 1000, 500) == pytest.approx(450 / 200)
+    # 2/3 · 600 s = s · (1000 · 0.1 s + 500 · 0.2 s)  ⇒  s = 2
+    assert demo.sized_scale(10.0, 0.1, 0.2, 1000, 500) == pytest.approx(400 / 200)
     # twice as slow an update, half the updates
-    assert demo.sized_scale(10.0, 0.2, 0.4, 1000, 500) == pytest.approx(450 / 400)
+    assert demo.sized_scale(10.0, 0.2, 0.4, 1000, 500) == pytest.approx(400 / 400)
 
 
 def fake_timing(monkeypatch, seconds: dict[str, float]) -> list[str]:
@@ -76,7 +76,7 @@ def test_the_report_says_how_the_budget_was_sized():
     budget = demo.DemoBudget(10.0, 0.9, 0.05, 0.08)
     records = {name: {"minutes": 10.0, "scale": 0.9} for name in demo.TRAINING_STAGES}
     text = demo.sizing_text(records, budget)
-    assert "50 ms (VAE) and 80 ms (denoiser)" in text and "scaled by 0.900" in text and "75% of the minutes" in text
+    assert "50 ms (VAE) and 80 ms (denoiser)" in text and "scaled by 0.900" in text and "67% of the minutes" in text
     reused = {**records, "train-vae": {"minutes": 5.0, "scale": 0.45}}
     assert demo.sizing_text(reused, budget) == "", "models trained with another budget were not sized by this one"
     assert demo.sizing_text(records, demo.DemoBudget(10.0, 0.9)) == "", "a given scale was not timed"

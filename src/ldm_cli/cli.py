@@ -265,7 +265,7 @@ def reimagine_command(
 @reports_errors
 def demo_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for every stage's outputs and report.md / report.html.")] = Path("demo"),
-    minutes: Annotated[float, typer.Option("--minutes", help="Wall-clock minutes for the whole demo on this machine: a few timed updates of each model size the quickstart configs' training to 3/4 of them (kept in OUT/budget.json for reruns).")] = 10.0,
+    minutes: Annotated[float, typer.Option("--minutes", help="Wall-clock minutes for the whole demo on this machine: a few timed updates of each model size the quickstart configs' training to 2/3 of them (kept in OUT/budget.json for reruns).")] = 10.0,
     seed: Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Random seed of both trainings and of sampling: another seed is an independent run.")] = SEED_DEFAULT,
 ) -> None:
     """Run the whole workflow on builtin:faces and write a report with every figure."""

@@ -101,7 +101,7 @@ class TrainConfig(Section):
     ema_decay: float = Field(0.999, ge=0.0, lt=1.0, description="EMA of the weights; 0 disables it")
     ema_gamma: float = Field(8.0, gt=0.0, description="EMA warm-up d_k = min(d, (1+k)/(γ+2+k)): larger, shorter average")
     seed: int = Field(0, ge=0, le=SEED_MAX)
-    channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels-last memory format (auto: on)")
+    channels_last: Literal["auto", "on", "off"] = Field("auto", description="channels-last memory format (auto: on, except for the VAE on a CPU)")
     tf32: Literal["auto", "on", "off"] = Field("auto", description="TF32 matmuls and convolutions (auto: on CUDA)")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model (auto: on CUDA)")
 

@@ -4,12 +4,14 @@ Each is `auto`, `on` or `off` in `[train]`; `auto` turns it on where it was meas
 help (`benchmarks/cpu_speed.py`, `benchmarks/README.md`):
 
 - On a CUDA GPU: all four (bf16 where the GPU supports it).
-- On a CPU: channels-last, which made a quickstart denoiser update 14 % faster on a
-  2-core CPU. A VAE on a CPU that runs bf16 natively (AVX512-BF16 or AMX) instead trains
-  in bf16 with contiguous (NCHW) memory: its update took 0.67 of the float32
-  channels-last time, while bf16 with channels-last took 1.16 and the denoiser gained
-  nothing from bf16 (1.03–1.07). At the same wall clock the bf16 VAE reconstructed
-  better (recon FD 8.2 against 9.5 at a 5-minute budget, two runs each). compile made
+- On a CPU: channels-last for the denoiser, whose update it made 14 % faster on a 2-core
+  AVX512 CPU (2 % on a 2-core AVX2 CPU). The VAE keeps contiguous (NCHW) memory: in
+  float32, channels-last made its update 2 % faster on the AVX512 CPU and 17 % slower on
+  the AVX2 one. On a CPU that runs bf16 natively (AVX512-BF16 or AMX) the VAE trains in
+  bf16: its update took 0.67 of the float32 time, while bf16 with channels-last took 1.16,
+  and the denoiser gained nothing from bf16 (1.03–1.07). At the same wall clock the bf16
+  VAE reconstructed better (recon FD 8.2 against 9.5 at a 5-minute budget, two runs each).
+  Without native bf16, autocast emulates it: 9.4× slower on the AVX2 CPU. compile made
   the denoiser slower, and TF32 does not exist.
 
 bf16 covers the network's forward only (`accelerator.prepare` wraps it in autocast and
@@ -25,8 +27,10 @@ import torch
 from ldm_cli.common.device import has_native_bf16
 from ldm_cli.config import TrainConfig
 
-# The models whose training `auto` runs in bf16 on a CPU with native bf16 (see above).
+# The models whose training `auto` runs in bf16 on a CPU with native bf16, and those it runs
+# in channels-last memory on any CPU (see above).
 CPU_BF16_MODELS = frozenset({"vae"})
+CPU_CHANNELS_LAST_MODELS = frozenset({"denoiser"})
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ def resolve_speed(cfg: TrainConfig, on_cuda: bool, model: str, cpu_bf16: bool | 
     bf16 = precision == "bf16" or (precision == "auto" and bf16_auto)
     return SpeedSettings(
         bf16=bf16,
-        channels_last=_choose(cfg.channels_last, not (bf16 and cpu_bf16_model)),  # bf16 VAE on a CPU: NCHW
+        channels_last=_choose(cfg.channels_last, on_cuda or model in CPU_CHANNELS_LAST_MODELS),
         tf32=_choose(cfg.tf32, on_cuda),
         compile=_choose(cfg.compile, on_cuda),
     )

@@ -47,10 +47,10 @@ from ldm_cli.training.vae_task import train_vae
 
 DEFAULT_MINUTES = 10.0
 # The share of `--minutes` that the timed updates fill. The rest goes to what the timing leaves
-# out: the training loop's own cost per update (1.12–1.13× the timed step), the stages' fixed
+# out: the training loop's own cost per update (1.12–1.24× the timed step), the stages' fixed
 # costs (drawing the faces, the latent cache, exports), the denoiser's quality measurements,
-# and the sampling, evaluation and figures. With 3/4 a 10-minute demo took 10 min 44 s on a
-# 2-core AVX2 CPU (benchmarks/README.md, "The demo's wall clock").
+# and the sampling, evaluation and figures. On a 2-core AVX2 CPU a 10-minute demo took
+# 10 min 44 s with 3/4 and 8 min 56 s with 2/3 (benchmarks/README.md, ninth study).
 TRAINING_SHARE = 2 / 3
 STRENGTHS = [0.25, 0.5, 0.75, 1.0]
 NUM_SAMPLES = 16

@@ -1,7 +1,8 @@
 """A tiny end-to-end run whose files are digested, to pin behaviour across refactors.
 
 `python tests/golden_run.py --write` records the digests of this machine's run in
-tests/golden/tiny-run.json; `test_golden_run.py` reruns it and compares. The run goes
+tests/golden/tiny-run.json (one record per platform, replacing this platform's);
+`test_golden_run.py` reruns it and compares with the record of its platform. The run goes
 through the `ldm` command (in-process), so it does not depend on module paths:
 
     ldm train-vae       quickstart config, 30 updates on 512 faces
@@ -38,6 +39,17 @@ def platform() -> dict[str, str | int]:
     """What bitwise floating-point results depend on, besides the code."""
     return {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": has_native_bf16("cpu"), "threads": THREADS}
+
+
+def read_records() -> list[dict]:
+    """The recorded runs, one per platform (a file of one record reads as a list of one)."""
+    records = json.loads(GOLDEN.read_text()) if GOLDEN.is_file() else []
+    return records if isinstance(records, list) else [records]
+
+
+def record_for(this: dict) -> dict | None:
+    """The recorded run of platform `this`, if any."""
+    return next((r for r in read_records() if r["platform"] == this), None)
 
 
 def tensors_digest(path: Path) -> str:
@@ -97,8 +109,9 @@ def main() -> None:
         record = {"platform": platform(), "digests": tiny_run(Path(tmp))}
     print(json.dumps(record, indent=1))
     if args.write:
+        others = [r for r in read_records() if r["platform"] != record["platform"]]
         GOLDEN.parent.mkdir(exist_ok=True)
-        GOLDEN.write_text(json.dumps(record, indent=1) + "\n")
+        GOLDEN.write_text(json.dumps(others + [record], indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -46,20 +46,10 @@ from ldm_cli.diffusion.sampling import sample_in_batches
 from ldm_cli.diffusion.schedules import NoiseSchedule
 from ldm_cli.models.unet import SHORT_SEQUENCE, UNet, attention, written_out_attention
 from ldm_cli.models.vae import VAE
-from ldm_cli.training.budget import denoiser_update, median_seconds, vae_update
+from ldm_cli.training.budget import denoiser_update, forward_autocast, median_seconds, prepared, vae_update
 
 NUM_IMAGES = 500
 STEPS = 50
-
-
-def prepared(model: torch.nn.Module, channels_last: bool, compiled: bool) -> torch.nn.Module:
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return torch.compile(model) if compiled else model
-
-
-def autocast(bf16: bool):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
 
 # --------------------------------------------------------------------------- 1. training
@@ -89,7 +79,7 @@ def sampling_seconds(model: torch.nn.Module, schedule: NoiseSchedule, shape: tup
                      bf16: bool = False, precision: str = "fp32") -> float:
     """Wall seconds of DDIM sampling; `bf16`: under autocast; `precision`: as `ldm sample --precision`."""
     start = time.perf_counter()
-    with autocast(bf16):
+    with forward_autocast(bf16):
         for _ in sample_in_batches(model, schedule, NUM_IMAGES, shape, batch, 0, sampler="ddim", steps=STEPS,
                                    precision=precision):
             pass
@@ -102,7 +92,7 @@ def call_seconds(model: torch.nn.Module, shape: tuple[int, ...], batch: int, rep
     t = torch.full((batch,), 500, dtype=torch.long)
 
     def call() -> None:
-        with mode(), autocast(bf16):
+        with mode(), forward_autocast(bf16):
             model(z, t)
     return median_seconds(call, repeats)
 
@@ -131,7 +121,7 @@ def sampling_table(den_cfg: DenoiserRunConfig, threads: list[int], batches: list
                                          ("bf16 autocast", unet, True, "fp32"),
                                          ("channels-last, bf16 autocast", channels_last, True, "fp32"),
                                          ("channels-last, bf16 copy", channels_last, False, "bf16")):
-        with torch.inference_mode(), autocast(bf16):  # compiles before the clock starts
+        with torch.inference_mode(), forward_autocast(bf16):  # compiles before the clock starts
             model(torch.randn(batch, *shape), torch.full((batch,), 500, dtype=torch.long))
         seconds = sampling_seconds(model, schedule, shape, batch, bf16, precision)
         print(f"{f'threads {max(threads)}, batch {batch}, {name}':<40}{seconds / NUM_IMAGES:>11.4f}", flush=True)

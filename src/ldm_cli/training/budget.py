@@ -61,13 +61,14 @@ class Calibration:
 # --------------------------------------------------------------------------- one update, timed
 
 
-def _prepared(model: torch.nn.Module, channels_last: bool, compiled: bool) -> torch.nn.Module:
+def prepared(model: torch.nn.Module, channels_last: bool, compiled: bool) -> torch.nn.Module:
+    """`model` in channels-last memory and/or compiled, as the speed settings ask."""
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return torch.compile(model) if compiled else model
 
 
-def _autocast(bf16: bool, device: torch.device):
+def forward_autocast(bf16: bool, device: torch.device = CPU):
     """bf16 autocast of the forward pass, as `accelerator.prepare` wraps it."""
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -88,14 +89,14 @@ def vae_update(cfg: VAERunConfig, channels_last: bool, compiled: bool, bf16: boo
     """One VAE update (forward, loss, backward, AdamW) on a random batch of the config's size."""
     torch.manual_seed(0)
     vae = VAE(cfg.model).to(device)
-    model = _prepared(vae, channels_last, compiled)
+    model = prepared(vae, channels_last, compiled)
     optimizer = make_optimizer(vae, cfg.optim)  # as training builds it (fused where the config says)
     res = cfg.data.resolution
     x = torch.rand(cfg.train.batch_size, 3, res, res, device=device) * 2 - 1
     x = x.to(memory_format=torch.channels_last) if channels_last else x
 
     def step() -> None:
-        with _autocast(bf16, device):
+        with forward_autocast(bf16, device):
             reconstruction, posterior = model(x)
         loss, _ = vae_loss(x, reconstruction.float(), posterior, 1e-4, cfg.loss)  # float32, as in training
         loss.backward()
@@ -109,7 +110,7 @@ def denoiser_update(cfg: DenoiserRunConfig, channels_last: bool, compiled: bool,
     """One denoiser update on random latents of the config's batch and shape."""
     torch.manual_seed(0)
     unet = UNet(cfg.model).to(device)
-    model = _prepared(unet, channels_last, compiled)
+    model = prepared(unet, channels_last, compiled)
     optimizer = make_optimizer(unet, cfg.optim)
     m = cfg.model
     z = torch.randn(cfg.train.batch_size, m.latent_channels, m.latent_size, m.latent_size, device=device)
@@ -118,7 +119,7 @@ def denoiser_update(cfg: DenoiserRunConfig, channels_last: bool, compiled: bool,
     half = len(z) // 2
 
     def step() -> None:
-        with _autocast(bf16, device):
+        with forward_autocast(bf16, device):
             if m.self_condition:
                 # training adds a gradient-free first pass on half of the updates (Chen et al. 2023):
                 # timed at its expected cost, one pass over half the batch in every update
